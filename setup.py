@@ -1,0 +1,40 @@
+"""promptmatch: parameter-efficient tuning of frozen vision foundation models for semantic segmentation."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "promptmatch" / "version.py").read_text()).group(1)
+
+setup(
+    name="promptmatch",
+    version=VERSION,
+    description="Stage-wise Semantic-aware Prompt Matchers for frozen CNN/ViT segmentation backbones",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["promptmatch", "promptmatch.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "timm>=1.0,<1.1",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # mmcv 2.1.0 must be built from source with ops (no wheels on PyPI):
+        # tools/setup_env.sh does that before installing this extra.
+        "mmseg": ["mmengine==0.10.7", "mmcv==2.1.0", "mmsegmentation==1.2.2", "ftfy", "regex",
+                  "setuptools<81"],
+        "peft": ["peft>=0.21,<0.22"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "matplotlib"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)
