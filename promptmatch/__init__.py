@@ -1,1 +1,58 @@
+"""promptmatch: parameter-efficient tuning of frozen vision backbones for semantic segmentation.
+
+A frozen CNN or ViT is split into stages and a trainable, recurrent Semantic-aware Prompt
+Matcher (SPM) sits between them; only the matchers and the decode head train, and each
+dataset keeps a small prompt checkpoint.
+"""
+from .backbones import WeightsNotFoundError, create_backbone
+from .bank import PromptBank
+from .checkpoint import (
+    PromptMismatchError,
+    backbone_fingerprint,
+    load_prompts,
+    read_prompt_metadata,
+    save_prompts,
+)
+from .decoders import LinearDecoder, MultiLevelDecoder, list_decoders
+from .methods import (
+    MethodConfig,
+    SemanticPromptMatcher,
+    SPMConfig,
+    TuningMethod,
+    get_method,
+    list_methods,
+    register_method,
+)
+from .report import ParameterReport, parameter_report
+from .segmentor import PromptSegmentor, create_segmentor
+from .staging import Stage, StagedBackbone, stage_backbone
 from .version import __version__
+
+__all__ = [
+    "__version__",
+    "create_segmentor",
+    "create_backbone",
+    "PromptSegmentor",
+    "PromptBank",
+    "save_prompts",
+    "load_prompts",
+    "read_prompt_metadata",
+    "backbone_fingerprint",
+    "PromptMismatchError",
+    "WeightsNotFoundError",
+    "parameter_report",
+    "ParameterReport",
+    "SPMConfig",
+    "SemanticPromptMatcher",
+    "MethodConfig",
+    "TuningMethod",
+    "register_method",
+    "get_method",
+    "list_methods",
+    "LinearDecoder",
+    "MultiLevelDecoder",
+    "list_decoders",
+    "Stage",
+    "StagedBackbone",
+    "stage_backbone",
+]

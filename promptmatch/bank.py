@@ -1,0 +1,78 @@
+"""One frozen backbone in memory serving several datasets' prompt checkpoints."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoint import load_prompts, read_prompt_metadata
+from .segmentor import PromptSegmentor
+
+__all__ = ["PromptBank"]
+
+
+class PromptBank(nn.Module):
+    """Several prompt checkpoints side by side on one shared frozen backbone.
+
+    Each dataset gets its own small :class:`PromptSegmentor` (matchers + decode head)
+    built around the *same* backbone module; switching datasets is a name per call,
+    with no copy or reload of the backbone.
+
+    Example::
+
+        bank = PromptBank(backbone)
+        bank.add("ade20k", "ade20k.safetensors")
+        bank.add("cityscapes", "cityscapes.safetensors")
+        logits = bank(images, "cityscapes")
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.prompts = nn.ModuleDict()
+
+    def add(self, name: str, path: Union[str, os.PathLike]) -> PromptSegmentor:
+        """Build the segmentor described by a prompt checkpoint around the shared backbone and load it."""
+        if name in self.prompts:
+            raise ValueError(f"a dataset named {name!r} is already in the bank")
+        meta = read_prompt_metadata(path)
+        seg = PromptSegmentor(
+            self.backbone,
+            num_classes=meta["num_classes"],
+            method=meta["method"],
+            method_cfg=meta["method_config"],
+            decoder=meta["decoder"],
+            decoder_cfg=meta.get("decoder_config"),
+            class_names=meta.get("class_names"),
+            stage_modules=meta["backbone"]["stage_modules"],
+            ignore_index=meta.get("ignore_index", 255),
+        )
+        load_prompts(seg, path)
+        seg.eval()
+        # register the prompt parts only; the backbone stays one module of the bank
+        self.prompts[name] = _PromptParts(seg)
+        return seg
+
+    def segmentor(self, name: str) -> PromptSegmentor:
+        if name not in self.prompts:
+            raise KeyError(f"no dataset {name!r} in the bank; loaded: {sorted(self.prompts)}")
+        return self.prompts[name].segmentor
+
+    def names(self) -> Iterator[str]:
+        return iter(self.prompts.keys())
+
+    def forward(self, images: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Logits of ``images`` with the prompts of ``dataset``."""
+        return self.segmentor(dataset)(images)
+
+
+class _PromptParts(nn.Module):
+    """Holds one dataset's method and head as submodules, and its segmentor by reference."""
+
+    def __init__(self, seg: PromptSegmentor) -> None:
+        super().__init__()
+        self.method = seg.method
+        self.decode_head = seg.decode_head
+        object.__setattr__(self, "segmentor", seg)

@@ -1,0 +1,231 @@
+"""Prompt checkpoints: the trainable weights of one dataset, without the frozen backbone.
+
+A prompt checkpoint is one ``.safetensors`` file whose metadata carries a JSON record
+(method and its config, decoder, classes, library version, backbone identity); a copy of
+that record is written beside it as ``<name>.json`` for people and tools. No pickle is
+involved anywhere; writes are atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .version import __version__
+
+__all__ = [
+    "PromptMismatchError",
+    "save_prompts",
+    "load_prompts",
+    "read_prompt_metadata",
+    "read_prompt_tensors",
+    "backbone_fingerprint",
+    "read_state_dict",
+    "atomic_write_bytes",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1
+_META_KEY = "promptmatch"
+PathLike = Union[str, os.PathLike]
+
+
+class PromptMismatchError(ValueError):
+    """A prompt checkpoint does not belong to the model it is loaded onto."""
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _frozen_backbone_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    backbone = getattr(model, "backbone", model)
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    return {k: v for k, v in backbone.state_dict().items() if k not in trainable}
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A short hash that identifies the frozen backbone weights (names, shapes, values).
+
+    Every tensor contributes its name, shape, dtype, its sum and a strided sample of its
+    values, so that any two different pretrained checkpoints differ while a ViT-B hashes
+    in well under a second.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(_frozen_backbone_tensors(model).items()):
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            if flat.is_floating_point() or flat.is_complex():
+                flat = flat.float()
+            else:
+                flat = flat.double()
+            step = max(1, flat.numel() // 1024)
+            sample = flat[::step][:1024].cpu().double()
+            h.update(sample.numpy().tobytes())
+            h.update(repr(round(float(flat.double().sum()), 6)).encode())
+    return h.hexdigest()[:24]
+
+
+def _metadata(model: nn.Module, extra: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    if not hasattr(model, "describe"):
+        raise TypeError(f"save_prompts needs a PromptSegmentor, got {type(model).__name__}")
+    meta = {"format_version": FORMAT_VERSION, "library": "promptmatch", "library_version": __version__}
+    meta.update(model.describe())
+    if extra:
+        meta["extra"] = dict(extra)
+    return meta
+
+
+def _normalise_path(path: PathLike) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"prompt checkpoints are .safetensors files; got {str(path)!r}")
+    return path
+
+
+def save_prompts(model: nn.Module, path: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the trainable weights of ``model`` and its identity to ``path`` (``.safetensors``).
+
+    Also writes ``<path without suffix>.json`` with the same metadata. Returns the path.
+    """
+    from safetensors.torch import save as st_save
+
+    path = _normalise_path(path)
+    meta = _metadata(model, extra)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
+    meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
+    blob = st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(path, blob)
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def read_prompt_metadata(path: PathLike) -> Dict[str, Any]:
+    """The JSON record stored in a prompt checkpoint."""
+    from safetensors import safe_open
+
+    path = _normalise_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+    except Exception as e:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+    if raw is None:
+        raise PromptMismatchError(f"{str(path)!r} is a safetensors file but not a promptmatch prompt checkpoint")
+    meta = json.loads(raw)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise PromptMismatchError(
+            f"{str(path)!r} uses prompt format {meta['format_version']}; this promptmatch "
+            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade promptmatch"
+        )
+    return meta
+
+
+def read_prompt_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(_normalise_path(path)))
+
+
+def _differences(want: Mapping[str, Any], got: Mapping[str, Any]) -> List[str]:
+    diffs = []
+    wb, gb = want["backbone"], got.get("backbone", {})
+    for field in ("architecture", "fingerprint", "stage_modules"):
+        if wb.get(field) != gb.get(field):
+            diffs.append(f"backbone.{field}: checkpoint has {gb.get(field)!r}, model has {wb.get(field)!r}")
+    if want["num_classes"] != got.get("num_classes"):
+        diffs.append(f"num_classes: checkpoint has {got.get('num_classes')!r}, model has {want['num_classes']!r}")
+    elif want.get("class_names") and got.get("class_names") and want["class_names"] != got["class_names"]:
+        diffs.append(f"class_names: checkpoint has {got['class_names']!r}, model has {want['class_names']!r}")
+    if want["method"] != got.get("method"):
+        diffs.append(f"method: checkpoint has {got.get('method')!r}, model has {want['method']!r}")
+    else:
+        wc, gc = want["method_config"], got.get("method_config", {})
+        for k in sorted(set(wc) | set(gc)):
+            if wc.get(k) != gc.get(k):
+                diffs.append(f"method_config.{k}: checkpoint has {gc.get(k)!r}, model has {wc.get(k)!r}")
+    for field in ("decoder", "decoder_config"):
+        if want[field] != got.get(field):
+            diffs.append(f"{field}: checkpoint has {got.get(field)!r}, model has {want[field]!r}")
+    return diffs
+
+
+def load_prompts(model: nn.Module, path: PathLike) -> Dict[str, Any]:
+    """Load a prompt checkpoint onto ``model``, refusing one that belongs to another model.
+
+    Checks the backbone identity (architecture and weight fingerprint), classes, method and
+    its config, decoder, and every tensor's name and shape before changing any weight:
+    on a mismatch, :class:`PromptMismatchError` names each field that differs and the model
+    is left untouched. Returns the checkpoint's metadata.
+    """
+    meta = read_prompt_metadata(path)
+    diffs = _differences(model.describe(), meta)
+    if diffs:
+        raise PromptMismatchError(
+            f"prompt checkpoint {str(path)!r} does not match this model:\n  - " + "\n  - ".join(diffs)
+        )
+    tensors = read_prompt_tensors(path)
+    own = model.trainable_state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(tensors))
+        if tuple(tensors[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:6]}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:6]}")
+        if shapes:
+            parts.append("shape mismatches " + "; ".join(shapes[:6]))
+        raise PromptMismatchError(f"prompt checkpoint {str(path)!r} does not match this model: " + ", ".join(parts))
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return meta
+
+
+def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a weights file (``.safetensors`` or a ``torch.save`` file) without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict")
+    return state

@@ -1,0 +1,101 @@
+"""The seam every tuning method plugs into."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from ..staging import Stage
+
+__all__ = ["MethodConfig", "TuningMethod", "register_method", "get_method", "list_methods", "build_method"]
+
+
+@dataclass
+class MethodConfig:
+    """Base class of method configs: plain, JSON-serialisable dataclasses."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields: {sorted(names)}")
+        return cls(**dict(data))
+
+
+class TuningMethod(nn.Module):
+    """Trainable parts that act at the stage boundaries of a frozen, staged backbone.
+
+    Subclasses implement :meth:`boundary`, which receives the NCHW features of one
+    boundary and returns the features the next stage should get. Per-forward state
+    (a recurrent state, interim outputs) lives in the ``state`` dict made by
+    :meth:`init_state`, never on the module, so one method object is reentrant.
+    """
+
+    name: str = ""
+    config_class: Type[MethodConfig] = MethodConfig
+
+    def __init__(self, stages: Sequence[Stage], num_classes: int, config: MethodConfig) -> None:
+        super().__init__()
+        self.stages = tuple(stages)
+        self.num_classes = num_classes
+        self.config = config
+
+    def init_state(self) -> Dict[str, Any]:
+        return {"interim": {}}
+
+    def boundary(self, index: int, features: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        return features
+
+    def interim_weights(self) -> Dict[int, float]:
+        """Loss weight of each interim semantic map this method produces, by boundary index."""
+        return {}
+
+
+_REGISTRY: Dict[str, Type[TuningMethod]] = {}
+
+
+def register_method(cls: Type[TuningMethod]) -> Type[TuningMethod]:
+    """Class decorator: make a :class:`TuningMethod` selectable by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a tuning method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> Tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_method(name: str) -> Type[TuningMethod]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available methods: {list(list_methods())}")
+    return _REGISTRY[name]
+
+
+def build_method(
+    name: str,
+    stages: Sequence[Stage],
+    num_classes: int,
+    config: Optional[Union[MethodConfig, Mapping[str, Any]]] = None,
+) -> TuningMethod:
+    cls = get_method(name)
+    if config is None:
+        config = cls.config_class()
+    elif isinstance(config, Mapping):
+        config = cls.config_class.from_dict(config)
+    elif not isinstance(config, cls.config_class):
+        raise TypeError(
+            f"method {name!r} takes a {cls.config_class.__name__} (or a dict of its fields), "
+            f"got {type(config).__name__}"
+        )
+    return cls(stages, num_classes, config)

@@ -1,0 +1,163 @@
+"""The Semantic-aware Prompt Matcher (SPM).
+
+Between stage k and stage k+1 of a frozen backbone, SPM
+
+1. estimates an interim semantic map ``S_k`` of the stage's features (supervised by the
+   labels, resized to the stage's grid);
+2. turns it into a semantic context: class embeddings weighted by ``softmax(S_k)``;
+3. updates a recurrent state ``h`` (a convolutional GRU cell shared by all boundaries,
+   carried from boundary to boundary and resized to each one's grid) from the projected
+   features and the semantic context;
+4. projects ``h`` back to the stage's channels as a prompt ``P_k`` and hands
+   ``F_k + gamma_k * P_k`` to the next stage. ``gamma_k`` starts at zero, so at
+   initialisation the model computes exactly what the frozen backbone computes.
+
+Design choices left open by the paper are documented in ``docs/spm.md``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..staging import Stage
+from .base import MethodConfig, TuningMethod, register_method
+
+__all__ = ["SPMConfig", "SemanticPromptMatcher", "ConvGRUCell"]
+
+
+@dataclass
+class SPMConfig(MethodConfig):
+    """Settings of the Semantic-aware Prompt Matcher; every ablation switch lives here."""
+
+    hidden_dim: int = field(default=64, metadata={"help": "width d of the recurrent state and projections"})
+    boundaries: Optional[Tuple[int, ...]] = field(
+        default=None,
+        metadata={"help": "indices of the stages after which a matcher sits (None: after every stage)"},
+    )
+    recurrent: bool = field(default=True, metadata={"help": "carry the state h from boundary to boundary"})
+    semantic_guidance: bool = field(
+        default=True, metadata={"help": "interim semantic maps and the class-embedding context"}
+    )
+    iterations: int = field(default=1, metadata={"help": "matcher updates per boundary"})
+    interim_loss_weight: float = field(
+        default=0.2, metadata={"help": "weight of the cross-entropy of each interim semantic map"}
+    )
+    kernel_size: int = field(default=3, metadata={"help": "depthwise spatial kernel of the GRU candidate"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hidden_dim, int) or isinstance(self.hidden_dim, bool) or self.hidden_dim <= 0:
+            raise ValueError(f"SPMConfig.hidden_dim must be a positive int, got {self.hidden_dim!r}")
+        if self.boundaries is not None:
+            b = tuple(self.boundaries)
+            if not b or not all(isinstance(i, int) and not isinstance(i, bool) for i in b):
+                raise ValueError(f"SPMConfig.boundaries must be a non-empty sequence of ints or None, got {self.boundaries!r}")
+            if len(set(b)) != len(b):
+                raise ValueError(f"SPMConfig.boundaries has duplicates: {b}")
+            self.boundaries = tuple(sorted(b))
+        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
+            raise ValueError(f"SPMConfig.iterations must be an int >= 1, got {self.iterations!r}")
+        if not isinstance(self.interim_loss_weight, (int, float)) or self.interim_loss_weight < 0:
+            raise ValueError(f"SPMConfig.interim_loss_weight must be >= 0, got {self.interim_loss_weight!r}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"SPMConfig.kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
+        for name in ("recurrent", "semantic_guidance"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SPMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+
+def _channel_layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of an NCHW map, without affine parameters."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],)).permute(0, 3, 1, 2)
+
+
+class ConvGRUCell(nn.Module):
+    """A light convolutional GRU: 1x1 gates, 1x1 + depthwise kxk candidate."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.gates = nn.Conv2d(input_dim + hidden_dim, 2 * hidden_dim, 1)
+        self.candidate = nn.Conv2d(input_dim + hidden_dim, hidden_dim, 1)
+        self.spatial = nn.Conv2d(hidden_dim, hidden_dim, kernel_size, padding=kernel_size // 2, groups=hidden_dim)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        reset, update = torch.sigmoid(self.gates(torch.cat([x, h], 1))).chunk(2, 1)
+        cand = torch.tanh(self.spatial(self.candidate(torch.cat([x, reset * h], 1))))
+        return (1 - update) * h + update * cand
+
+
+@register_method
+class SemanticPromptMatcher(TuningMethod):
+    """Recurrent, semantic-aware prompt matchers between the stages of a frozen backbone."""
+
+    name = "spm"
+    config_class = SPMConfig
+
+    def __init__(self, stages: Sequence[Stage], num_classes: int, config: SPMConfig) -> None:
+        super().__init__(stages, num_classes, config)
+        n = len(self.stages)
+        bounds = config.boundaries if config.boundaries is not None else tuple(range(n))
+        bad = [b for b in bounds if not -n <= b < n]
+        if bad:
+            raise ValueError(f"SPMConfig.boundaries {bad} out of range for a backbone with {n} stages")
+        self.boundary_indices = tuple(sorted({b % n for b in bounds}))
+        d = config.hidden_dim
+        self.in_proj = nn.ModuleDict()
+        self.out_proj = nn.ModuleDict()
+        self.gamma = nn.ParameterDict()
+        self.classifier = nn.ModuleDict()
+        for b in self.boundary_indices:
+            c = self.stages[b].channels
+            self.in_proj[str(b)] = nn.Conv2d(c, d, 1)
+            self.out_proj[str(b)] = nn.Conv2d(d, c, 1)
+            self.gamma[str(b)] = nn.Parameter(torch.zeros(c))
+            if config.semantic_guidance:
+                cls = nn.Conv2d(d, num_classes, 1)
+                nn.init.zeros_(cls.weight)  # uniform interim maps at start, not over-confident ones
+                nn.init.zeros_(cls.bias)
+                self.classifier[str(b)] = cls
+        if config.semantic_guidance:
+            self.class_embed = nn.Parameter(torch.randn(num_classes, d) * 0.02)
+        else:
+            self.register_parameter("class_embed", None)
+        self.cell = ConvGRUCell(2 * d if config.semantic_guidance else d, d, config.kernel_size)
+
+    def init_state(self) -> Dict[str, Any]:
+        return {"interim": {}, "h": None}
+
+    def interim_weights(self) -> Dict[int, float]:
+        if not self.config.semantic_guidance or self.config.interim_loss_weight == 0:
+            return {}
+        return {b: float(self.config.interim_loss_weight) for b in self.boundary_indices}
+
+    def boundary(self, index: int, features: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        key = str(index)
+        if key not in self.in_proj:
+            return features
+        cfg: SPMConfig = self.config
+        h_prev = state.get("h") if cfg.recurrent else None
+        n, _, hgt, wid = features.shape
+        if h_prev is None:
+            h = features.new_zeros(n, cfg.hidden_dim, hgt, wid)
+        elif h_prev.shape[-2:] != (hgt, wid):
+            h = F.interpolate(h_prev, size=(hgt, wid), mode="bilinear", align_corners=False)
+        else:
+            h = h_prev
+        gamma = self.gamma[key].view(1, -1, 1, 1)
+        out = features
+        logits = None
+        for _ in range(cfg.iterations):
+            z = self.in_proj[key](_channel_layer_norm(out))
+            if cfg.semantic_guidance:
+                logits = self.classifier[key](z)
+                context = torch.einsum("nkhw,kd->ndhw", logits.softmax(1), self.class_embed)
+                z = torch.cat([z, context], 1)
+            h = self.cell(z, h)
+            out = features + gamma * self.out_proj[key](h)
+        state["h"] = h
+        if logits is not None:
+            state["interim"][index] = logits
+        return out

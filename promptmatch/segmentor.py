@@ -1,0 +1,242 @@
+"""A frozen backbone, a tuning method between its stages, and a decode head."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import create_backbone
+from .decoders import DECODERS, build_decoder, list_decoders
+from .methods import MethodConfig, build_method, get_method
+from .staging import StagedBackbone, stage_backbone
+
+__all__ = ["PromptSegmentor", "create_segmentor"]
+
+_logger = logging.getLogger(__name__)
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("architecture"):
+        return str(cfg["architecture"])
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+class PromptSegmentor(nn.Module):
+    """Semantic segmentation with a frozen, staged backbone.
+
+    ``backbone`` is the original model (its state_dict keys unchanged); ``method`` holds the
+    trainable parts that act between its stages; ``decode_head`` maps the boundary features
+    to class logits. Use :func:`create_segmentor` to build one.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        method: str = "spm",
+        method_cfg: Optional[Union[MethodConfig, Mapping[str, Any]]] = None,
+        decoder: str = "linear",
+        decoder_cfg: Optional[Mapping[str, Any]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        stage_modules: Optional[Sequence[str]] = None,
+        num_stages: Optional[int] = None,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            if len(class_names) != num_classes:
+                raise ValueError(f"got {len(class_names)} class_names for num_classes={num_classes}")
+        if not isinstance(decoder, str):
+            raise TypeError(f"decoder must be a name, got {type(decoder).__name__}")
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.ignore_index = ignore_index
+        self.backbone = backbone
+        get_method(method)  # fail on a bad name before touching the backbone
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; available decoders: {list_decoders()}")
+        newly_staged = getattr(backbone, "_promptmatch_staged", None) is None
+        staged = stage_backbone(backbone, stage_modules=stage_modules, num_stages=num_stages)
+        object.__setattr__(self, "staged", staged)  # plain attribute, not a submodule
+        try:
+            self.method_name = method
+            self.method = build_method(method, staged.stages, num_classes, method_cfg)
+            self.decoder_name = decoder
+            self.decoder_cfg = dict(decoder_cfg or {})
+            self.decode_head = build_decoder(decoder, staged.stages, num_classes, self.decoder_cfg)
+        except Exception:
+            if newly_staged:
+                staged.remove()
+            raise
+
+    staged: StagedBackbone
+
+    # ---------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> "PromptSegmentor":
+        super().train(mode)
+        self.staged.keep_frozen()
+        return self
+
+    # -------------------------------------------------------------- forward
+    def forward_features(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
+        """Boundary features after the method acted on them, and the method's per-pass state."""
+        state = self.method.init_state()
+        method = self.method
+        feats = self.staged.forward(images, on_boundary=lambda i, f: method.boundary(i, f, state))
+        return feats, state
+
+    def _decode(self, feats: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        logits = self.decode_head(feats)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(N, K, H, W)`` at the input resolution."""
+        feats, _ = self.forward_features(images)
+        return self._decode(feats, images.shape[-2:])
+
+    # ----------------------------------------------------------------- loss
+    def _check_labels(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.ndim == 4 and labels.shape[1] == 1:
+            raise ValueError(f"labels must have shape (N, H, W), got {tuple(labels.shape)}: squeeze the channel dim")
+        if labels.ndim != 3:
+            raise ValueError(f"labels must have shape (N, H, W), got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+        want = (images.shape[0], images.shape[2], images.shape[3])
+        if tuple(labels.shape) != want:
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but images need {want} (N, H, W)")
+        bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
+        if bool(bad.any()):
+            vals = torch.unique(labels[bad])[:8].tolist()
+            raise ValueError(
+                f"labels contain values {vals} outside [0, {self.num_classes}) that are not the "
+                f"ignore index {self.ignore_index}"
+            )
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Named losses: ``loss_decode`` and one ``loss_interim_<k>`` per interim semantic map.
+
+        Their sum is the training loss. Pixels labelled ``ignore_index`` are ignored; labels
+        are resized to each interim map's grid by nearest neighbour.
+        """
+        self.staged.check_input(images)
+        self._check_labels(images, labels)
+        labels = labels.long()
+        feats, state = self.forward_features(images)
+        logits = self._decode(feats, images.shape[-2:])
+        losses = {"loss_decode": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+        weights = self.method.interim_weights()
+        for idx, interim in sorted(state.get("interim", {}).items()):
+            w = weights.get(idx, 0.0)
+            if w == 0:
+                continue
+            small = F.interpolate(labels[:, None].float(), size=interim.shape[-2:], mode="nearest")[:, 0].long()
+            ce = F.cross_entropy(interim, small, ignore_index=self.ignore_index)
+            if not (small != self.ignore_index).any():
+                ce = interim.sum() * 0.0  # all pixels ignored at this grid: no signal, no NaN
+            losses[f"loss_interim_{idx}"] = w * ce
+        return losses
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class indices ``(N, H, W)``."""
+        return self.forward(images).argmax(1)
+
+    # ------------------------------------------------------------- identity
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """What a prompt checkpoint holds: every entry of the state_dict except frozen backbone weights."""
+        trainable_backbone = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith("backbone.") or k in trainable_backbone
+        }
+
+    def describe(self) -> Dict[str, Any]:
+        """Everything a prompt checkpoint must agree with to be loaded onto this model."""
+        from .checkpoint import backbone_fingerprint
+
+        return {
+            "method": self.method_name,
+            "method_config": self.method.config.to_dict(),
+            "decoder": self.decoder_name,
+            "decoder_config": dict(self.decoder_cfg),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "ignore_index": self.ignore_index,
+            "backbone": {
+                "architecture": _architecture(self.backbone),
+                "fingerprint": backbone_fingerprint(self),
+                "stage_modules": [s.module for s in self.staged.stages],
+            },
+        }
+
+
+def create_segmentor(
+    backbone: Union[str, nn.Module],
+    method: str = "spm",
+    num_classes: int = 150,
+    decoder: str = "linear",
+    *,
+    method_cfg: Optional[Union[MethodConfig, Mapping[str, Any]]] = None,
+    decoder_cfg: Optional[Mapping[str, Any]] = None,
+    class_names: Optional[Sequence[str]] = None,
+    pretrained: bool = False,
+    weights: Optional[str] = None,
+    weights_remap: bool = False,
+    stage_modules: Optional[Sequence[str]] = None,
+    num_stages: Optional[int] = None,
+    ignore_index: int = 255,
+    backbone_kwargs: Optional[Mapping[str, Any]] = None,
+) -> PromptSegmentor:
+    """Build a segmentor from a timm model name or an existing model, frozen and staged.
+
+    Args:
+        backbone: a timm model name, or an ``nn.Module`` (wrapped in place: its
+            state_dict keys stay unchanged and it is reachable as ``model.backbone``).
+        method: the tuning method (``"spm"``; see :func:`promptmatch.list_methods`).
+        num_classes: number of classes K of the dataset.
+        decoder: ``"linear"`` (one linear layer on the last features) or ``"multilevel"``.
+        method_cfg: the method's config dataclass (e.g. :class:`SPMConfig`) or a dict of its fields.
+        decoder_cfg: keyword arguments of the decoder.
+        class_names: names of the K classes, stored in prompt checkpoints.
+        pretrained, weights, weights_remap: see :func:`create_backbone` (name only).
+        stage_modules: names of the modules that end the stages (default: ``feature_info``).
+        num_stages: number of block groups for plain ViTs (default 4).
+        ignore_index: label value ignored by the losses.
+        backbone_kwargs: extra keyword arguments for ``timm.create_model`` (name only).
+    """
+    if isinstance(backbone, str):
+        model = create_backbone(
+            backbone, pretrained=pretrained, weights=weights, weights_remap=weights_remap, **dict(backbone_kwargs or {})
+        )
+    elif isinstance(backbone, nn.Module):
+        if pretrained or weights is not None or backbone_kwargs:
+            raise ValueError(
+                "pretrained, weights and backbone_kwargs apply only when the backbone is given by "
+                "name; load weights into your module before passing it"
+            )
+        model = backbone
+    else:
+        raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+    return PromptSegmentor(
+        model,
+        num_classes,
+        method=method,
+        method_cfg=method_cfg,
+        decoder=decoder,
+        decoder_cfg=decoder_cfg,
+        class_names=class_names,
+        stage_modules=stage_modules,
+        num_stages=num_stages,
+        ignore_index=ignore_index,
+    )

@@ -1,0 +1,450 @@
+"""Staged view of a frozen timm (or any) backbone.
+
+A :class:`StagedBackbone` splits a model into stages at named modules (taken from
+timm's ``feature_info`` or given by hand), freezes it, and lets a caller read and
+*replace* the output of every stage boundary as an NCHW map while the model runs:
+the replaced features are what the next stage receives.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["Stage", "StagedBackbone", "freeze_module", "stage_backbone"]
+
+_logger = logging.getLogger(__name__)
+
+BoundaryFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a staged backbone; its boundary is the output of ``module``."""
+
+    index: int
+    module: str
+    channels: int
+    reduction: int
+
+
+class _StopForward(Exception):
+    """Raised by the last boundary hook: nothing after the last stage is needed."""
+
+
+@dataclass
+class _Run:
+    callback: Optional[BoundaryFn]
+    height: int
+    width: int
+    features: Dict[int, torch.Tensor]
+    grad_from_first: bool = False
+
+
+def freeze_module(module: nn.Module) -> None:
+    """Turn off gradients for every parameter of ``module`` and put it in eval mode."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+
+
+def _module_path_exists(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _patch_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The patch size input sides must be multiples of (timm PatchEmbed without padding)."""
+    pe = getattr(model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", None)
+    if ps is None or getattr(pe, "dynamic_img_pad", True):
+        return None  # overlapping / padding patch embeddings (PVTv2, ...) take any size
+    if isinstance(ps, int):
+        return (ps, ps)
+    return tuple(int(v) for v in ps)  # type: ignore[return-value]
+
+
+def _fixed_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The one input size a token model accepts, or None if it takes any size."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        return None
+    if getattr(model, "dynamic_img_size", False):
+        return None
+    if not getattr(pe, "strict_img_size", False):
+        return None
+    size = getattr(pe, "img_size", None)
+    if size is None:
+        return None
+    return (int(size[0]), int(size[1]))
+
+
+class StagedBackbone:
+    """Stage boundaries of a frozen backbone, with read/replace access to their features.
+
+    Args:
+        model: the backbone, typically a timm model. It is frozen in place and keeps
+            its state_dict keys; forward hooks are registered on its boundary modules.
+        stage_modules: names of the modules whose outputs end the stages (e.g.
+            ``["layer1", "layer2", "layer3", "layer4"]``). Default: from
+            ``model.feature_info``.
+        num_stages: for plain ViTs (all boundaries at one stride), the number of
+            equal groups of blocks to use as stages (default 4).
+        min_reduction: boundaries with a smaller stride than this (stems) are left out
+            when stages come from ``feature_info``.
+        freeze: freeze the model (no gradients, eval mode for good).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage_modules: Optional[Sequence[str]] = None,
+        num_stages: Optional[int] = None,
+        min_reduction: int = 4,
+        freeze: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"backbone must be a torch.nn.Module, got {type(model).__name__}")
+        if getattr(model, "_promptmatch_staged", None) is not None:
+            raise ValueError(
+                "this backbone is already staged; reuse its StagedBackbone "
+                "(promptmatch.stage_backbone(model) returns it) instead of staging it twice"
+            )
+        self.model = model
+        self.patch_size = _patch_size(model)
+        self.fixed_img_size = _fixed_img_size(model)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.native_fmt = str(getattr(model, "output_fmt", "NCHW"))
+        self.stages: Tuple[Stage, ...] = self._resolve_stages(stage_modules, num_stages, min_reduction)
+        self._run: Optional[_Run] = None
+        self._layouts: Dict[int, str] = {}
+        self._handles = []
+        for stage in self.stages:
+            mod = model.get_submodule(stage.module)
+            self._handles.append(mod.register_forward_hook(self._make_hook(stage.index)))
+        if freeze:
+            freeze_module(model)
+        self.frozen = freeze
+        self._disable_grad_checkpointing()
+        model._promptmatch_staged = self  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ stages
+    def _resolve_stages(
+        self, stage_modules: Optional[Sequence[str]], num_stages: Optional[int], min_reduction: int
+    ) -> Tuple[Stage, ...]:
+        model = self.model
+        info = getattr(model, "feature_info", None)
+        by_module: Dict[str, dict] = {}
+        if isinstance(info, (list, tuple)) and all(isinstance(f, dict) and "module" in f for f in info):
+            by_module = {f["module"]: f for f in info}
+        elif info is not None and hasattr(info, "info"):  # timm FeatureInfo object
+            by_module = {f["module"]: f for f in info.info}
+
+        if stage_modules is not None:
+            names = list(stage_modules)
+            if not names:
+                raise ValueError("stage_modules is empty: give at least one module name")
+            missing = [n for n in names if not _module_path_exists(model, n)]
+            if missing:
+                raise ValueError(
+                    f"stage_modules {missing} are not submodules of {type(model).__name__}; "
+                    "use names from model.named_modules()"
+                )
+            stages = []
+            for i, n in enumerate(names):
+                f = by_module.get(n, {})
+                stages.append(Stage(i, n, int(f.get("num_chs", 0)), int(f.get("reduction", 0))))
+            if any(s.channels <= 0 or s.reduction <= 0 for s in stages):
+                stages = self._probe_stages(stages)
+            return tuple(stages)
+
+        if not by_module:
+            raise ValueError(
+                f"{type(model).__name__} has no usable `feature_info` (a list of dicts with "
+                "'module', 'num_chs' and 'reduction'), so its stages cannot be found. Pass the "
+                "names of the modules that end each stage explicitly, e.g. "
+                "stage_modules=['layer1', 'layer2', 'layer3', 'layer4']"
+            )
+        entries = [f for f in by_module.values() if _module_path_exists(model, f["module"])]
+        if not entries:
+            raise ValueError(
+                f"the modules named in {type(model).__name__}.feature_info do not exist in the model "
+                "(a features_only wrapper renames them); pass the plain model or give stage_modules"
+            )
+        reductions = {int(f["reduction"]) for f in entries}
+        if len(reductions) == 1 and len(entries) > 1:
+            # plain (isotropic) ViT: every block is a boundary at the same stride; group them
+            n = num_stages or min(4, len(entries))
+            if not 1 <= n <= len(entries):
+                raise ValueError(f"num_stages must be in [1, {len(entries)}] for this model, got {n}")
+            ends = [-(-(i + 1) * len(entries) // n) - 1 for i in range(n)]  # ceil: last block ends the last group
+            entries = [entries[e] for e in ends]
+        else:
+            if num_stages is not None:
+                raise ValueError(
+                    "num_stages only applies to plain ViTs whose blocks all share one stride; "
+                    "for hierarchical backbones pass stage_modules to choose boundaries"
+                )
+            kept = [f for f in entries if int(f["reduction"]) >= min_reduction]
+            entries = kept or entries[-1:]
+        return tuple(
+            Stage(i, f["module"], int(f["num_chs"]), int(f["reduction"])) for i, f in enumerate(entries)
+        )
+
+    def _probe_stages(self, stages: List[Stage]) -> List[Stage]:
+        """Find channels and strides of hand-named stages by one small forward pass."""
+        size = self.fixed_img_size or (224, 224)
+        outs: Dict[str, torch.Tensor] = {}
+        hooks = []
+        for s in stages:
+            mod = self.model.get_submodule(s.module)
+            hooks.append(mod.register_forward_hook(lambda m, a, o, name=s.module: outs.__setitem__(name, o)))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                x = torch.zeros(1, 3, *size)
+                fwd = getattr(self.model, "forward_features", self.model)
+                fwd(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+        probed = []
+        for s in stages:
+            out = outs.get(s.module)
+            if not isinstance(out, torch.Tensor):
+                raise ValueError(f"stage module {s.module!r} did not return a tensor in a forward pass")
+            if out.ndim == 4:
+                hw = out.shape[2:] if self.native_fmt != "NHWC" else out.shape[1:3]
+                ch = out.shape[1] if self.native_fmt != "NHWC" else out.shape[3]
+                red = max(1, round(size[0] / hw[0]))
+            elif out.ndim == 3:
+                ch = out.shape[2]
+                red = self.patch_size[0] if self.patch_size else 16
+            else:
+                raise ValueError(f"stage module {s.module!r} returned a {out.ndim}-d tensor; expected 3-d or 4-d")
+            probed.append(Stage(s.index, s.module, int(ch), int(red)))
+        return probed
+
+    # --------------------------------------------------------------- freezing
+    def _disable_grad_checkpointing(self) -> None:
+        if getattr(self.model, "grad_checkpointing", False):
+            _logger.warning(
+                "gradient checkpointing of the frozen backbone is turned off: it would re-run the "
+                "boundary hooks (and the matchers) during recomputation"
+            )
+        setter = getattr(self.model, "set_grad_checkpointing", None)
+        if callable(setter):
+            try:
+                setter(False)
+            except Exception:  # pragma: no cover - models whose setter only enables
+                pass
+
+    def keep_frozen(self) -> None:
+        """Put the backbone back in eval mode (call after any ``train()``)."""
+        if self.frozen:
+            self.model.eval()
+
+    # -------------------------------------------------------------- validation
+    def check_input(self, images: torch.Tensor) -> None:
+        """Raise a clear error if ``images`` cannot go through this backbone."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape (N, C, H, W), got a {images.ndim}-d tensor {tuple(images.shape)}")
+        in_chans = self.in_chans
+        if in_chans is not None and images.shape[1] != in_chans:
+            raise ValueError(
+                f"images have {images.shape[1]} channels but the backbone expects {in_chans} "
+                "(pass RGB images as (N, 3, H, W))"
+            )
+        h, w = int(images.shape[2]), int(images.shape[3])
+        if self.fixed_img_size is not None and (h, w) != self.fixed_img_size:
+            raise ValueError(
+                f"this backbone was built for {self.fixed_img_size[0]}x{self.fixed_img_size[1]} inputs only, got "
+                f"{h}x{w}; create it with dynamic_img_size=True (promptmatch.create_backbone does) to "
+                "segment crops of other sizes"
+            )
+        if self.patch_size is not None:
+            ph, pw = self.patch_size
+            if h % ph or w % pw:
+                raise ValueError(
+                    f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}; "
+                    f"use crops whose sides are multiples of {ph} (e.g. {max(ph, h // ph * ph)}x{max(pw, w // pw * pw)})"
+                )
+        max_red = max(s.reduction for s in self.stages)
+        if h < max_red or w < max_red:
+            raise ValueError(
+                f"image size {h}x{w} is smaller than the backbone's largest stride {max_red}; "
+                f"use images of at least {max_red}x{max_red}"
+            )
+
+    @property
+    def in_chans(self) -> Optional[int]:
+        pe = getattr(self.model, "patch_embed", None)
+        proj = getattr(pe, "proj", None)
+        if isinstance(proj, nn.Conv2d):
+            return proj.in_channels
+        pcfg = getattr(self.model, "pretrained_cfg", None) or {}
+        size = pcfg.get("input_size") if isinstance(pcfg, dict) else None
+        if size:
+            return int(size[0])
+        for m in self.model.modules():
+            if isinstance(m, nn.Conv2d):
+                return m.in_channels
+        return None
+
+    # ------------------------------------------------------------------ layout
+    def _layout(self, index: int, out: torch.Tensor, height: int, width: int) -> str:
+        known = self._layouts.get(index)
+        if known is not None:
+            return known
+        stage = self.stages[index]
+        if out.ndim == 3:
+            layout = "NLC"
+        elif out.ndim == 4:
+            c = stage.channels
+            first, last = out.shape[1] == c, out.shape[3] == c
+            if first and not last:
+                layout = "NCHW"
+            elif last and not first:
+                layout = "NHWC"
+            else:
+                layout = "NHWC" if self.native_fmt == "NHWC" else "NCHW"
+        else:
+            raise RuntimeError(
+                f"stage {index} ({stage.module}) returned a {out.ndim}-d tensor; expected tokens "
+                "(N, L, C) or a map (N, C, H, W) / (N, H, W, C)"
+            )
+        self._layouts[index] = layout
+        return layout
+
+    def _to_map(self, index: int, out: torch.Tensor, height: int, width: int):
+        """NCHW view of a boundary's output and a function mapping an NCHW map back."""
+        layout = self._layout(index, out, height, width)
+        if layout == "NCHW":
+            return out, lambda m: m
+        if layout == "NHWC":
+            return out.permute(0, 3, 1, 2), lambda m: m.permute(0, 2, 3, 1)
+        # tokens: prefix tokens (cls, registers) kept aside, the rest reshaped to the patch grid
+        red = self.stages[index].reduction
+        gh, gw = height // red, width // red
+        n, length, c = out.shape
+        prefix = length - gh * gw
+        if prefix < 0:
+            raise RuntimeError(
+                f"stage {index} ({self.stages[index].module}) has {length} tokens, fewer than the "
+                f"{gh}x{gw} patch grid of a {height}x{width} image"
+            )
+        head, body = out[:, :prefix], out[:, prefix:]
+        fmap = body.transpose(1, 2).reshape(n, c, gh, gw)
+
+        def back(m: torch.Tensor) -> torch.Tensor:
+            return torch.cat([head, m.flatten(2).transpose(1, 2)], dim=1)
+
+        return fmap, back
+
+    # ------------------------------------------------------------------- hooks
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, args, output):
+            run = self._run
+            if run is None:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(
+                    f"stage module {self.stages[index].module!r} returned {type(output).__name__}; "
+                    "stage boundaries must be modules that return one tensor"
+                )
+            fmap, back = self._to_map(index, output, run.height, run.width)
+            replaced = None
+            if run.callback is not None:
+                if run.grad_from_first and not torch.is_grad_enabled():
+                    torch.set_grad_enabled(True)
+                new = run.callback(index, fmap)
+                if new is not fmap:
+                    if new.shape != fmap.shape:
+                        raise RuntimeError(
+                            f"boundary {index} replacement has shape {tuple(new.shape)}, "
+                            f"expected {tuple(fmap.shape)}"
+                        )
+                    fmap = new
+                    replaced = back(new)
+            run.features[index] = fmap
+            if index == len(self.stages) - 1:
+                raise _StopForward()
+            return replaced
+
+        return hook
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        images: torch.Tensor,
+        on_boundary: Optional[BoundaryFn] = None,
+        check: bool = True,
+    ) -> List[torch.Tensor]:
+        """Run the backbone up to its last stage and return every boundary's NCHW features.
+
+        ``on_boundary(index, features)`` may return replacement features of the same
+        shape; they are fed to the next stage and returned in place of the originals.
+        Stages before the first boundary run without autograd (the backbone is frozen).
+        """
+        if check:
+            self.check_input(images)
+        if self._run is not None:
+            raise RuntimeError("StagedBackbone.forward is not re-entrant")
+        self.keep_frozen()
+        if getattr(self.model, "grad_checkpointing", False):
+            self._disable_grad_checkpointing()
+        grad_mode = torch.is_grad_enabled()
+        run = _Run(on_boundary, int(images.shape[2]), int(images.shape[3]), {})
+        # a frozen backbone needs no autograd before the first boundary whose output may change
+        if self.frozen and grad_mode and on_boundary is not None and not images.requires_grad:
+            run.grad_from_first = True
+            torch.set_grad_enabled(False)
+        self._run = run
+        fwd = getattr(self.model, "forward_features", None)
+        try:
+            (fwd if callable(fwd) else self.model)(images)
+        except _StopForward:
+            pass
+        finally:
+            self._run = None
+            torch.set_grad_enabled(grad_mode)
+        if len(run.features) != len(self.stages):
+            missing = [self.stages[i].module for i in range(len(self.stages)) if i not in run.features]
+            raise RuntimeError(f"the forward pass never reached stage modules {missing}")
+        return [run.features[i] for i in range(len(self.stages))]
+
+    __call__ = forward
+
+    def remove(self) -> None:
+        """Remove the hooks; the model becomes a plain model again (still frozen)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if getattr(self.model, "_promptmatch_staged", None) is self:
+            del self.model._promptmatch_staged
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"{s.module}(C={s.channels}, /{s.reduction})" for s in self.stages)
+        return f"StagedBackbone({type(self.model).__name__}: {stages})"
+
+
+def stage_backbone(model: nn.Module, **kwargs) -> StagedBackbone:
+    """Return the model's existing :class:`StagedBackbone`, or stage it now."""
+    existing = getattr(model, "_promptmatch_staged", None)
+    if existing is not None:
+        if kwargs.get("stage_modules") is not None and list(kwargs["stage_modules"]) != [
+            s.module for s in existing.stages
+        ]:
+            raise ValueError("this backbone is already staged with other stage_modules")
+        return existing
+    return StagedBackbone(model, **kwargs)

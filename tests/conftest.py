@@ -1,0 +1,52 @@
+"""Shared fixtures: the family matrix of tiny, randomly initialised timm backbones."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+# (id, timm name, create kwargs, test image side)
+FAMILIES = [
+    ("resnet", "test_resnet", {}, 64),
+    ("convnext", "test_convnext", {}, 64),
+    ("efficientnet", "test_efficientnet", {}, 64),
+    ("regnet", "regnetx_002", {}, 64),
+    ("mobilenetv3", "mobilenetv3_small_050", {}, 64),
+    ("swin", "swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)), 64),
+    ("vit", "test_vit", {}, 64),
+    ("deit", "deit_tiny_patch16_224", dict(depth=4, embed_dim=64, num_heads=2), 64),
+    ("eva02", "eva02_tiny_patch14_224", dict(depth=4, embed_dim=64, num_heads=2), 56),
+    ("dinov2_reg", "vit_small_patch14_reg4_dinov2", dict(depth=4, embed_dim=64, num_heads=2), 56),
+    ("pvtv2", "pvt_v2_b0", dict(depths=(1, 1, 1, 1)), 64),
+]
+FAMILY_IDS = [f[0] for f in FAMILIES]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slower integration tests (CI runs them too)")
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(params=FAMILIES, ids=FAMILY_IDS)
+def family(request):
+    return request.param
+
+
+def make_backbone(name, kwargs, seed=0):
+    import promptmatch as pm
+
+    torch.manual_seed(seed)
+    return pm.create_backbone(name, **kwargs)
+
+
+def make_batch(side, n=2, num_classes=4, seed=0):
+    """Images with a learnable structure: the label of a pixel is its image quadrant's colour class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n, 2, 2), generator=g)
+    labels = labels.repeat_interleave(side // 2, 1).repeat_interleave(side // 2, 2)
+    palette = torch.rand(num_classes, 3, generator=g) * 2 - 1
+    images = palette[labels].permute(0, 3, 1, 2) + 0.3 * torch.randn(n, 3, side, side, generator=g)
+    return images.contiguous(), labels
