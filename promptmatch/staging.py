@@ -8,8 +8,9 @@ the replaced features are what the next stage receives.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ class _Run:
     width: int
     features: Dict[int, torch.Tensor]
     grad_from_first: bool = False
+    stop_early: bool = True
 
 
 def freeze_module(module: nn.Module) -> None:
@@ -335,8 +337,10 @@ class StagedBackbone:
             return out.permute(0, 3, 1, 2), lambda m: m.permute(0, 2, 3, 1)
         # tokens: prefix tokens (cls, registers) kept aside, the rest reshaped to the patch grid
         red = self.stages[index].reduction
-        gh, gw = height // red, width // red
         n, length, c = out.shape
+        gh, gw = height // red, width // red
+        if length < gh * gw or length - gh * gw > 16:
+            gh, gw = -(-height // red), -(-width // red)  # patch embeddings that pad the input
         prefix = length - gh * gw
         if prefix < 0:
             raise RuntimeError(
@@ -377,13 +381,54 @@ class StagedBackbone:
                     fmap = new
                     replaced = back(new)
             run.features[index] = fmap
-            if index == len(self.stages) - 1:
+            if run.stop_early and index == len(self.stages) - 1:
                 raise _StopForward()
             return replaced
 
         return hook
 
     # ----------------------------------------------------------------- forward
+    @contextmanager
+    def session(
+        self,
+        images: torch.Tensor,
+        on_boundary: Optional[BoundaryFn] = None,
+        stop_early: bool = False,
+    ) -> Iterator[Dict[int, torch.Tensor]]:
+        """Make the boundary hooks active while the caller runs the model on ``images``.
+
+        Yields the dict that collects each boundary's (possibly replaced) NCHW features.
+        ``on_boundary(index, features)`` may return replacement features of the same shape;
+        they are fed to the next stage. With ``stop_early`` the pass ends at the last
+        boundary (callers must then run the model inside :meth:`forward`). Stages before the
+        first boundary run without autograd when the backbone is frozen.
+        """
+        if self._run is not None:
+            raise RuntimeError("a StagedBackbone session is already running (sessions do not nest)")
+        self.keep_frozen()
+        if getattr(self.model, "grad_checkpointing", False):
+            self._disable_grad_checkpointing()
+        grad_mode = torch.is_grad_enabled()
+        run = _Run(on_boundary, int(images.shape[-2]), int(images.shape[-1]), {}, stop_early=stop_early)
+        # a frozen backbone needs no autograd before the first boundary whose output may change
+        if self.frozen and grad_mode and on_boundary is not None and not images.requires_grad:
+            run.grad_from_first = True
+            torch.set_grad_enabled(False)
+        self._run = run
+        try:
+            yield run.features
+        finally:
+            self._run = None
+            torch.set_grad_enabled(grad_mode)
+        if len(run.features) != len(self.stages):
+            missing = [self.stages[i].module for i in range(len(self.stages)) if i not in run.features]
+            raise RuntimeError(f"the forward pass never reached stage modules {missing}")
+
+    @property
+    def active(self) -> bool:
+        """Whether a session is running."""
+        return self._run is not None
+
     def forward(
         self,
         images: torch.Tensor,
@@ -394,34 +439,16 @@ class StagedBackbone:
 
         ``on_boundary(index, features)`` may return replacement features of the same
         shape; they are fed to the next stage and returned in place of the originals.
-        Stages before the first boundary run without autograd (the backbone is frozen).
         """
         if check:
             self.check_input(images)
-        if self._run is not None:
-            raise RuntimeError("StagedBackbone.forward is not re-entrant")
-        self.keep_frozen()
-        if getattr(self.model, "grad_checkpointing", False):
-            self._disable_grad_checkpointing()
-        grad_mode = torch.is_grad_enabled()
-        run = _Run(on_boundary, int(images.shape[2]), int(images.shape[3]), {})
-        # a frozen backbone needs no autograd before the first boundary whose output may change
-        if self.frozen and grad_mode and on_boundary is not None and not images.requires_grad:
-            run.grad_from_first = True
-            torch.set_grad_enabled(False)
-        self._run = run
         fwd = getattr(self.model, "forward_features", None)
-        try:
-            (fwd if callable(fwd) else self.model)(images)
-        except _StopForward:
-            pass
-        finally:
-            self._run = None
-            torch.set_grad_enabled(grad_mode)
-        if len(run.features) != len(self.stages):
-            missing = [self.stages[i].module for i in range(len(self.stages)) if i not in run.features]
-            raise RuntimeError(f"the forward pass never reached stage modules {missing}")
-        return [run.features[i] for i in range(len(self.stages))]
+        with self.session(images, on_boundary, stop_early=True) as feats:
+            try:
+                (fwd if callable(fwd) else self.model)(images)
+            except _StopForward:
+                pass
+        return [feats[i] for i in range(len(self.stages))]
 
     __call__ = forward
 
