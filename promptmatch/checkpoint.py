@@ -90,6 +90,52 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
+def backbone_architecture(backbone: nn.Module) -> str:
+    """The timm architecture name of a backbone, or its class path."""
+    for obj in (backbone, getattr(backbone, "model", None)):
+        cfg = getattr(obj, "pretrained_cfg", None)
+        if isinstance(cfg, Mapping) and cfg.get("architecture"):
+            return str(cfg["architecture"])
+    return f"{type(backbone).__module__}.{type(backbone).__qualname__}"
+
+
+def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every state_dict entry of ``model`` except the frozen weights of ``model.backbone``."""
+    trainable_backbone = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if p.requires_grad}
+    return {
+        k: v for k, v in model.state_dict().items() if not k.startswith("backbone.") or k in trainable_backbone
+    }
+
+
+def describe_model(
+    model: nn.Module,
+    *,
+    method: str,
+    method_config: Mapping[str, Any],
+    decoder: str,
+    decoder_config: Mapping[str, Any],
+    num_classes: int,
+    class_names: Optional[List[str]],
+    ignore_index: int,
+    architecture: str,
+) -> Dict[str, Any]:
+    """The identity record a prompt checkpoint stores and :func:`load_prompts` checks."""
+    return {
+        "method": method,
+        "method_config": dict(method_config),
+        "decoder": decoder,
+        "decoder_config": dict(decoder_config),
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "ignore_index": ignore_index,
+        "backbone": {
+            "architecture": architecture,
+            "fingerprint": backbone_fingerprint(model),
+            "stage_modules": [s.module for s in model.staged.stages],
+        },
+    }
+
+
 def _metadata(model: nn.Module, extra: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if not hasattr(model, "describe"):
         raise TypeError(f"save_prompts needs a PromptSegmentor, got {type(model).__name__}")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_backbone
+from .checkpoint import backbone_architecture, describe_model, trainable_state_dict
 from .decoders import DECODERS, build_decoder, list_decoders
 from .methods import MethodConfig, build_method, get_method
 from .staging import StagedBackbone, stage_backbone
@@ -16,13 +17,6 @@ from .staging import StagedBackbone, stage_backbone
 __all__ = ["PromptSegmentor", "create_segmentor"]
 
 _logger = logging.getLogger(__name__)
-
-
-def _architecture(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("architecture"):
-        return str(cfg["architecture"])
-    return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
 class PromptSegmentor(nn.Module):
@@ -154,31 +148,21 @@ class PromptSegmentor(nn.Module):
     # ------------------------------------------------------------- identity
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         """What a prompt checkpoint holds: every entry of the state_dict except frozen backbone weights."""
-        trainable_backbone = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
-        return {
-            k: v
-            for k, v in self.state_dict().items()
-            if not k.startswith("backbone.") or k in trainable_backbone
-        }
+        return trainable_state_dict(self)
 
     def describe(self) -> Dict[str, Any]:
         """Everything a prompt checkpoint must agree with to be loaded onto this model."""
-        from .checkpoint import backbone_fingerprint
-
-        return {
-            "method": self.method_name,
-            "method_config": self.method.config.to_dict(),
-            "decoder": self.decoder_name,
-            "decoder_config": dict(self.decoder_cfg),
-            "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "ignore_index": self.ignore_index,
-            "backbone": {
-                "architecture": _architecture(self.backbone),
-                "fingerprint": backbone_fingerprint(self),
-                "stage_modules": [s.module for s in self.staged.stages],
-            },
-        }
+        return describe_model(
+            self,
+            method=self.method_name,
+            method_config=self.method.config.to_dict(),
+            decoder=self.decoder_name,
+            decoder_config=dict(self.decoder_cfg),
+            num_classes=self.num_classes,
+            class_names=self.class_names,
+            ignore_index=self.ignore_index,
+            architecture=backbone_architecture(self.backbone),
+        )
 
 
 def create_segmentor(

@@ -87,6 +87,19 @@ def _fixed_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     return (int(size[0]), int(size[1]))
 
 
+def _token_stride(length: int, size: Tuple[int, int]) -> int:
+    """Stride of a token sequence of ``length`` for an input of ``size`` (up to 16 prefix tokens)."""
+    h, w = size
+    for prefix in range(0, 17):
+        n = length - prefix
+        if n <= 0:
+            break
+        r = round((h * w / n) ** 0.5)
+        if r >= 1 and -(-h // r) * -(-w // r) == n:
+            return r
+    raise ValueError(f"cannot tell the stride of {length} tokens for a {h}x{w} input")
+
+
 class StagedBackbone:
     """Stage boundaries of a frozen backbone, with read/replace access to their features.
 
@@ -101,6 +114,8 @@ class StagedBackbone:
         min_reduction: boundaries with a smaller stride than this (stems) are left out
             when stages come from ``feature_info``.
         freeze: freeze the model (no gradients, eval mode for good).
+        probe_size: input size of the one forward pass that finds channels and strides of
+            hand-named stages.
     """
 
     def __init__(
@@ -110,6 +125,7 @@ class StagedBackbone:
         num_stages: Optional[int] = None,
         min_reduction: int = 4,
         freeze: bool = True,
+        probe_size: Tuple[int, int] = (224, 224),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,6 +139,7 @@ class StagedBackbone:
         self.fixed_img_size = _fixed_img_size(model)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.native_fmt = str(getattr(model, "output_fmt", "NCHW"))
+        self.probe_size = (int(probe_size[0]), int(probe_size[1]))
         self.stages: Tuple[Stage, ...] = self._resolve_stages(stage_modules, num_stages, min_reduction)
         self._run: Optional[_Run] = None
         self._layouts: Dict[int, str] = {}
@@ -201,7 +218,7 @@ class StagedBackbone:
 
     def _probe_stages(self, stages: List[Stage]) -> List[Stage]:
         """Find channels and strides of hand-named stages by one small forward pass."""
-        size = self.fixed_img_size or (224, 224)
+        size = self.fixed_img_size or self.probe_size
         outs: Dict[str, torch.Tensor] = {}
         hooks = []
         for s in stages:
@@ -211,7 +228,8 @@ class StagedBackbone:
         self.model.eval()
         try:
             with torch.no_grad():
-                x = torch.zeros(1, 3, *size)
+                ref = next(iter(self.model.parameters()), None)
+                x = torch.zeros(1, 3, *size) if ref is None else torch.zeros(1, 3, *size, device=ref.device, dtype=ref.dtype)
                 fwd = getattr(self.model, "forward_features", self.model)
                 fwd(x)
         finally:
@@ -229,7 +247,7 @@ class StagedBackbone:
                 red = max(1, round(size[0] / hw[0]))
             elif out.ndim == 3:
                 ch = out.shape[2]
-                red = self.patch_size[0] if self.patch_size else 16
+                red = _token_stride(out.shape[1], size)
             else:
                 raise ValueError(f"stage module {s.module!r} returned a {out.ndim}-d tensor; expected 3-d or 4-d")
             probed.append(Stage(s.index, s.module, int(ch), int(red)))
@@ -248,6 +266,11 @@ class StagedBackbone:
                 setter(False)
             except Exception:  # pragma: no cover - models whose setter only enables
                 pass
+
+    def freeze(self) -> None:
+        """Freeze the model now (no gradients, eval mode for good)."""
+        freeze_module(self.model)
+        self.frozen = True
 
     def keep_frozen(self) -> None:
         """Put the backbone back in eval mode (call after any ``train()``)."""
@@ -451,6 +474,21 @@ class StagedBackbone:
         return [feats[i] for i in range(len(self.stages))]
 
     __call__ = forward
+
+    def features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """Boundary features of ``images``; inside a running :meth:`session` they pass through it."""
+        run = self._run
+        if run is None:
+            return self.forward(images)
+        fwd = getattr(self.model, "forward_features", None)
+        stop, run.stop_early = run.stop_early, True
+        try:
+            (fwd if callable(fwd) else self.model)(images)
+        except _StopForward:
+            pass
+        finally:
+            run.stop_early = stop
+        return [run.features[i] for i in range(len(self.stages))]
 
     def remove(self) -> None:
         """Remove the hooks; the model becomes a plain model again (still frozen)."""

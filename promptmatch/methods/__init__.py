@@ -1,8 +1,9 @@
 """Tuning methods: each one a :class:`TuningMethod` registered by name."""
 from .base import MethodConfig, TuningMethod, build_method, get_method, list_methods, register_method
+from .linear import LinearProbe, LinearProbeConfig
 from .spm import ConvGRUCell, SemanticPromptMatcher, SPMConfig
 
 __all__ = [
     "MethodConfig", "TuningMethod", "build_method", "get_method", "list_methods", "register_method",
-    "SPMConfig", "SemanticPromptMatcher", "ConvGRUCell",
+    "LinearProbe", "LinearProbeConfig", "SPMConfig", "SemanticPromptMatcher", "ConvGRUCell",
 ]

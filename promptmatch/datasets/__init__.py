@@ -1,0 +1,56 @@
+"""Datasets for benchmarks and tests that need no download at run time.
+
+:mod:`promptmatch.datasets.offline` builds small semantic-segmentation datasets in the
+mmsegmentation layout from real image content shipped in PyPI packages (scikit-image sample
+images, the stardist wheel's nuclei image). Importing this package needs only numpy and
+Pillow, never imports mmseg/mmcv/mmengine or scikit-image, and prints nothing.
+"""
+from .offline import (
+    BUILD_VERSION,
+    IGNORE_INDEX,
+    IMAGE_SIZE,
+    OFFLINE_DATASETS,
+    SHIFTS,
+    SPLITS,
+    STARDIST_REQUIREMENT,
+    OfflineDataError,
+    OfflineDatasetSpec,
+    SourceChecksumError,
+    SourceNotFoundError,
+    build_offline_dataset,
+    dataset_classes,
+    dataset_palette,
+    default_data_root,
+    default_wheel_dir,
+    fetch_stardist_wheel,
+    find_stardist_wheel,
+    list_offline_datasets,
+    load_offline_split,
+    mmseg_dataset_config,
+    verify_offline_dataset,
+)
+
+__all__ = [
+    "BUILD_VERSION",
+    "IGNORE_INDEX",
+    "IMAGE_SIZE",
+    "OFFLINE_DATASETS",
+    "SHIFTS",
+    "SPLITS",
+    "STARDIST_REQUIREMENT",
+    "OfflineDataError",
+    "OfflineDatasetSpec",
+    "SourceChecksumError",
+    "SourceNotFoundError",
+    "build_offline_dataset",
+    "dataset_classes",
+    "dataset_palette",
+    "default_data_root",
+    "default_wheel_dir",
+    "fetch_stardist_wheel",
+    "find_stardist_wheel",
+    "list_offline_datasets",
+    "load_offline_split",
+    "mmseg_dataset_config",
+    "verify_offline_dataset",
+]

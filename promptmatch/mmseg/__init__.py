@@ -1,0 +1,10 @@
+"""mmsegmentation integration: prompted segmentor, timm backbone, prompt checkpoint hook.
+
+Importing this package imports mmseg, mmcv and mmengine; ``import promptmatch`` never does.
+"""
+from .hooks import PromptCheckpointHook
+from .segmentor import PromptEncoderDecoder, default_stage_modules
+from .timm_backbone import TimmBackbone
+from .wrappers import CPUDistributedDataParallel
+
+__all__ = ["PromptEncoderDecoder", "TimmBackbone", "PromptCheckpointHook", "default_stage_modules", "CPUDistributedDataParallel"]

@@ -1,0 +1,71 @@
+"""Writes the per-dataset prompt checkpoint during mmengine training."""
+from __future__ import annotations
+
+import logging
+import os.path as osp
+from typing import Any, Optional
+
+from mmengine.dist import is_main_process
+from mmengine.hooks import CheckpointHook, Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+
+from ..checkpoint import save_prompts
+from ..registry import HOOKS
+
+__all__ = ["PromptCheckpointHook", "unwrap_model"]
+
+
+def unwrap_model(model: Any) -> Any:
+    return model.module if is_model_wrapper(model) else model
+
+
+@HOOKS.register_module()
+class PromptCheckpointHook(Hook):
+    """Save the prompt checkpoint (trainable weights + identity, safetensors) on rank 0.
+
+    Writes ``<work_dir>/prompts/iter_<n>.safetensors`` every ``interval`` iterations
+    (default: the CheckpointHook's interval) and ``<work_dir>/prompts.safetensors`` at the
+    end of training (and at every interval, so it always holds the latest prompts).
+    The dataset's class names are stored in the model before training starts.
+    """
+
+    priority = "VERY_LOW"
+
+    def __init__(self, interval: int = -1, out_dir: Optional[str] = None) -> None:
+        self.interval = interval
+        self.out_dir = out_dir
+
+    def before_train(self, runner) -> None:
+        model = unwrap_model(runner.model)
+        if self.interval <= 0:
+            ck = [h for h in runner.hooks if isinstance(h, CheckpointHook)]
+            self.interval = ck[0].interval if ck and ck[0].interval > 0 else 0
+        if getattr(model, "class_names", None) is None:
+            try:
+                classes = runner.train_dataloader.dataset.metainfo.get("classes")
+            except Exception:  # pragma: no cover - datasets without metainfo
+                classes = None
+            if classes is not None and len(classes) == model.num_classes:
+                model.class_names = list(classes)
+        self.out_dir = self.out_dir or runner.work_dir
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.interval > 0 and self.every_n_train_iters(runner, self.interval):
+            self._save(runner, osp.join(self.out_dir, "prompts", f"iter_{runner.iter + 1}.safetensors"))
+
+    def after_train(self, runner) -> None:
+        self._save(runner, None)
+
+    def _save(self, runner, path: Optional[str]) -> None:
+        model = unwrap_model(runner.model)
+        if not is_main_process() or not hasattr(model, "trainable_state_dict"):
+            return  # only rank 0 writes; plain (non-prompted) models have no prompt checkpoint
+        extra = {"iter": runner.iter + 1, "work_dir": str(runner.work_dir)}
+        cfg_file = getattr(runner.cfg, "filename", None)
+        if cfg_file:
+            extra["config"] = str(cfg_file)
+        if path is not None:
+            save_prompts(model, path, extra=extra)
+        latest = save_prompts(model, osp.join(self.out_dir, "prompts.safetensors"), extra=extra)
+        print_log(f"promptmatch: prompt checkpoint written to {path or latest}", logger="current", level=logging.INFO)

@@ -1,0 +1,137 @@
+"""What the tools need around an mmengine Runner: CPU distributed set-up, trusted resume,
+data-root checks, and loading the frozen backbone before prompts."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import os.path as osp
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
+
+__all__ = [
+    "prepare_distributed",
+    "trust_checkpoints_under",
+    "check_data_roots",
+    "DatasetMissingError",
+    "add_prompt_hook",
+]
+
+
+class DatasetMissingError(FileNotFoundError):
+    """A config's dataset is not where the config says."""
+
+
+_DATASET_HELP = {
+    "ADE20KDataset": ("ADE20K (ADEChallengeData2016)", "images/{training,validation}/*.jpg, annotations/{training,validation}/*.png",
+                      "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"),
+    "CityscapesDataset": ("Cityscapes", "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png "
+                          "(make labelTrainIds with `python -m mmseg ... tools/dataset_converters/cityscapes.py`)", "https://www.cityscapes-dataset.com/downloads/"),
+    "PascalVOCDataset": ("Pascal VOC 2012 (+ SBD aug)", "VOC2012/JPEGImages/*.jpg, VOC2012/SegmentationClass[Aug]/*.png, VOC2012/ImageSets/Segmentation/{train,val,aug}.txt",
+                         "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ and SBD (mmseg docs: dataset_prepare.md#pascal-voc)"),
+    "PascalContextDataset59": ("Pascal Context (59 classes)", "VOC2010/JPEGImages/*.jpg, VOC2010/SegmentationClassContext/*.png, VOC2010/ImageSets/SegmentationContext/{train,val}.txt",
+                               "https://cs.stanford.edu/~roozbeh/pascal-context/ (mmseg docs: dataset_prepare.md#pascal-context)"),
+    "COCOStuffDataset": ("COCO-Stuff 164k", "images/{train2017,val2017}/*.jpg, annotations/{train2017,val2017}/*_labelTrainIds.png",
+                         "https://github.com/nightrome/cocostuff (convert with mmseg's tools/dataset_converters/coco_stuff164k.py)"),
+}
+
+
+def _dataset_cfgs(cfg: Config) -> Iterator[Any]:
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        ds = loader.get("dataset")
+        stack = [ds]
+        while stack:
+            d = stack.pop()
+            if isinstance(d, (list, tuple)):
+                stack.extend(d)
+            elif isinstance(d, (dict, ConfigDict)):
+                if "datasets" in d:
+                    stack.extend(d["datasets"])
+                elif "dataset" in d:
+                    stack.append(d["dataset"])
+                else:
+                    yield d
+
+
+def check_data_roots(cfg: Config) -> None:
+    """Raise :class:`DatasetMissingError` naming the dataset, its layout and source if a
+    data root of the config does not exist."""
+    for ds in _dataset_cfgs(cfg):
+        root = ds.get("data_root")
+        dtype = str(ds.get("type", "?")).split(".")[-1]
+        if dtype.startswith("Offline"):
+            continue  # promptmatch's offline datasets build themselves
+        if root is None or osp.isdir(root):
+            continue
+        name, layout, where = _DATASET_HELP.get(dtype, (dtype, "see the mmseg dataset docs", "mmseg docs: dataset_prepare.md"))
+        raise DatasetMissingError(
+            f"dataset {name} not found: data_root {root!r} does not exist.\n"
+            f"  expected layout under data_root: {layout}\n"
+            f"  get it from: {where}\n"
+            f"  then point the config at it, e.g. --cfg-options "
+            f"train_dataloader.dataset.data_root=/path val_dataloader.dataset.data_root=/path "
+            f"test_dataloader.dataset.data_root=/path"
+        )
+
+
+@contextlib.contextmanager
+def trust_checkpoints_under(directory: str) -> Iterator[None]:
+    """Let ``torch.load`` unpickle mmengine Runner checkpoints, but only files under ``directory``.
+
+    mmengine 0.10.7 loads Runner checkpoints (which hold a ``HistoryBuffer`` and other Python
+    objects) with a plain ``torch.load``; torch >= 2.6 refuses them under ``weights_only=True``.
+    Files a run wrote into its own work dir are trusted; every other file keeps the check.
+    """
+    root = Path(directory).resolve()
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and "weights_only" not in kwargs:
+            try:
+                inside = Path(f).resolve().is_relative_to(root)
+            except (OSError, ValueError):
+                inside = False
+            if inside:
+                kwargs["weights_only"] = False
+        return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def prepare_distributed(cfg: Config, launcher: str) -> None:
+    """Make mmengine's distributed launch work on CPU-only machines (gloo, DDP without devices)."""
+    if launcher == "none" or torch.cuda.is_available():
+        return
+    import torch.distributed as dist
+
+    cfg.env_cfg = cfg.get("env_cfg", ConfigDict())
+    cfg.env_cfg.dist_cfg = dict(backend="gloo")
+    if not dist.is_initialized():
+        # mmengine's own init calls torch.cuda.set_device, which fails without a GPU
+        dist.init_process_group(backend="gloo")
+    wrapper = dict(cfg.get("model_wrapper_cfg") or {})
+    wrapper["type"] = "promptmatch.CPUDistributedDataParallel"
+    wrapper.setdefault("broadcast_buffers", False)
+    wrapper.setdefault("find_unused_parameters", cfg.get("find_unused_parameters", False))
+    cfg.model_wrapper_cfg = wrapper
+    print_log(f"promptmatch: CPU distributed run, rank {dist.get_rank()} of {dist.get_world_size()} (gloo)",
+              logger="current", level=logging.INFO)
+
+
+def add_prompt_hook(cfg: Config) -> None:
+    """Add promptmatch.PromptCheckpointHook to a config's custom hooks (once)."""
+    hooks = list(cfg.get("custom_hooks") or [])
+    if not any(str(h.get("type", "")).endswith("PromptCheckpointHook") for h in hooks):
+        hooks.append(dict(type="promptmatch.PromptCheckpointHook"))
+    cfg.custom_hooks = hooks

@@ -1,0 +1,197 @@
+"""``promptmatch.PromptEncoderDecoder``: any mmseg EncoderDecoder config, prompt-tuned.
+
+One added line turns an mmseg 1.x config into SPM prompt tuning::
+
+    _base_ = ['mmseg::upernet/upernet_r50_4xb4-80k_ade20k-512x512.py']
+    model = dict(type='promptmatch.PromptEncoderDecoder')
+
+The config's backbone is built and its pretrained weights load as usual (``init_cfg``);
+it is then frozen, split into stages and given matchers. Heads stay trainable, and the
+interim-map losses join the decode and auxiliary losses.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from mmseg.models.segmentors import EncoderDecoder
+from torch import Tensor, nn
+
+from ..checkpoint import backbone_architecture, describe_model, trainable_state_dict
+from ..methods import build_method, get_method
+from ..report import parameter_report
+from ..registry import MODELS
+from ..staging import stage_backbone
+
+__all__ = ["PromptEncoderDecoder", "default_stage_modules", "SUPPORTED_BACKBONES"]
+
+SUPPORTED_BACKBONES = (
+    "ResNet", "ResNetV1c", "ResNetV1d", "VisionTransformer", "BEiT", "MAE", "SwinTransformer",
+    "MixVisionTransformer", "promptmatch.TimmBackbone",
+)
+
+
+def _vit_groups(num_layers: int, num_stages: Optional[int]) -> List[str]:
+    n = num_stages or min(4, num_layers)
+    if not 1 <= n <= num_layers:
+        raise ValueError(f"num_stages must be in [1, {num_layers}], got {n}")
+    return [f"layers.{-(-(i + 1) * num_layers // n) - 1}" for i in range(n)]
+
+
+def default_stage_modules(
+    backbone: nn.Module, num_stages: Optional[int] = None
+) -> Tuple[Optional[List[str]], Tuple[int, int]]:
+    """Stage-ending module names of a known mmseg backbone and a size to probe it at.
+
+    Returns ``(None, size)`` for backbones that describe their stages with
+    ``feature_info`` (promptmatch.TimmBackbone).
+    """
+    name = type(backbone).__name__
+    if getattr(backbone, "feature_info", None) is not None:
+        return None, (224, 224)
+    size = getattr(backbone, "img_size", None) or getattr(backbone, "pretrain_img_size", None) or 224
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if hasattr(backbone, "res_layers"):  # ResNet, ResNetV1c, ResNetV1d, ResNeXt, ...
+        return list(backbone.res_layers), (224, 224)
+    if name in ("VisionTransformer", "BEiT", "MAE"):
+        return _vit_groups(len(backbone.layers), num_stages), size
+    if name == "SwinTransformer":
+        return [f"stages.{i}.blocks.{len(s.blocks) - 1}" for i, s in enumerate(backbone.stages)], size
+    if name == "MixVisionTransformer":
+        return [f"layers.{i}.2" for i in range(len(backbone.layers))], (224, 224)
+    raise ValueError(
+        f"promptmatch does not know how to split the mmseg backbone {name!r} into stages. "
+        f"Supported types: {', '.join(SUPPORTED_BACKBONES)}. For another backbone, give the "
+        "names of the modules that end its stages (each returning one tensor) in the config: "
+        "model = dict(type='promptmatch.PromptEncoderDecoder', stage_modules=['layer1', ...])"
+    )
+
+
+@MODELS.register_module()
+class PromptEncoderDecoder(EncoderDecoder):
+    """An mmseg ``EncoderDecoder`` whose backbone is frozen and prompt-tuned.
+
+    Args (besides those of ``EncoderDecoder``):
+        method: tuning method name (``'spm'``).
+        method_cfg: the method's config as a dict (e.g. ``dict(hidden_dim=64)``).
+        stage_modules: names of the backbone modules that end its stages (default: known
+            per backbone type, or timm's ``feature_info``).
+        num_stages: number of block groups for plain ViTs (default 4).
+        class_names: stored in prompt checkpoints (the tools fill it from the dataset).
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        decode_head: Mapping[str, Any],
+        method: str = "spm",
+        method_cfg: Optional[Mapping[str, Any]] = None,
+        stage_modules: Optional[Sequence[str]] = None,
+        num_stages: Optional[int] = None,
+        class_names: Optional[Sequence[str]] = None,
+        **kwargs: Any,
+    ) -> None:
+        get_method(method)  # fail on a bad name before building anything
+        super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
+        if stage_modules is None:
+            names, probe = default_stage_modules(self.backbone, num_stages)
+        else:
+            names, probe = list(stage_modules), (224, 224)
+        staged = stage_backbone(
+            self.backbone,
+            stage_modules=names,
+            num_stages=num_stages if names is None else None,
+            probe_size=probe,
+        )
+        staged.freeze()
+        object.__setattr__(self, "staged", staged)
+        self.method_name = method
+        self.method = build_method(method, staged.stages, self.num_classes, dict(method_cfg or {}))
+        self.class_names = list(class_names) if class_names is not None else None
+        self.ignore_index = int(getattr(self.decode_head, "ignore_index", 255))
+        rep = parameter_report(self)
+        print_log(
+            f"promptmatch: {method} on {type(self.backbone).__name__} stages "
+            f"{[s.module for s in staged.stages]}; trainable {rep.trainable:,} / frozen {rep.frozen:,} "
+            f"parameters ({rep.percent_of_backbone(rep.trainable):.2f}% of the backbone)",
+            logger="current",
+            level=logging.INFO,
+        )
+
+    # ---------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> "PromptEncoderDecoder":
+        super().train(mode)
+        self.staged.keep_frozen()
+        return self
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.staged.freeze()  # whatever an init_cfg did, the backbone stays frozen
+
+    # -------------------------------------------------------------- forward
+    def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
+        state = self.method.init_state()
+        method = self.method
+        with self.staged.session(inputs, on_boundary=lambda i, f: method.boundary(i, f, state)):
+            x = self.backbone(inputs)
+        return x, state
+
+    def extract_feat(self, inputs: Tensor) -> List[Tensor]:
+        x, _ = self._backbone_with_prompts(inputs)
+        if self.with_neck:
+            x = self.neck(x)
+        return x
+
+    def loss(self, inputs: Tensor, data_samples) -> Dict[str, Tensor]:
+        x, state = self._backbone_with_prompts(inputs)
+        if self.with_neck:
+            x = self.neck(x)
+        losses: Dict[str, Tensor] = {}
+        losses.update(self._decode_head_forward_train(x, data_samples))
+        if self.with_auxiliary_head:
+            losses.update(self._auxiliary_head_forward_train(x, data_samples))
+        weights = self.method.interim_weights()
+        interim = state.get("interim", {})
+        if interim and weights:
+            labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).to(inputs.device)
+            labels = labels.squeeze(1).long()
+            for idx, logits in sorted(interim.items()):
+                w = weights.get(idx, 0.0)
+                if w == 0:
+                    continue
+                small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+                if (small != self.ignore_index).any():
+                    ce = F.cross_entropy(logits, small, ignore_index=self.ignore_index)
+                else:
+                    ce = logits.sum() * 0.0
+                losses[f"prompt.loss_interim_{idx}"] = w * ce
+        return losses
+
+    # ------------------------------------------------------------- identity
+    def trainable_state_dict(self) -> Dict[str, Tensor]:
+        """Every state_dict entry except frozen backbone weights (matchers, heads, neck)."""
+        return trainable_state_dict(self)
+
+    def describe(self) -> Dict[str, Any]:
+        aux = self.auxiliary_head if self.with_auxiliary_head else None
+        if isinstance(aux, nn.ModuleList):
+            aux_names = [type(a).__name__ for a in aux]
+        else:
+            aux_names = [type(aux).__name__] if aux is not None else []
+        return describe_model(
+            self,
+            method=self.method_name,
+            method_config=self.method.config.to_dict(),
+            decoder=type(self.decode_head).__name__,
+            decoder_config={
+                "auxiliary_heads": aux_names,
+                "neck": type(self.neck).__name__ if self.with_neck else None,
+            },
+            num_classes=self.num_classes,
+            class_names=self.class_names,
+            ignore_index=self.ignore_index,
+            architecture=backbone_architecture(self.backbone),
+        )

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Evaluate a prompt checkpoint: build the config's model, load the frozen backbone's own
+weights first (mmengine's Runner.test() does not), then the prompts, then test.
+
+    python tools/test.py CONFIG PROMPTS.safetensors [--work-dir DIR] [--cfg-options k=v ...]
+
+Prompts that belong to another backbone, class set or method config are refused with the
+field that differs. Metrics are printed (per-class IoU table included) and written to
+``<work_dir>/test_metrics.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(description="Test a prompt checkpoint")
+    p.add_argument("config", help="test config file path")
+    p.add_argument("checkpoint", help="prompt checkpoint (.safetensors) written by training")
+    p.add_argument("--work-dir", help="the dir to save logs and metrics")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override settings in the config")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = p.parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from promptmatch.checkpoint import load_prompts, read_prompt_metadata
+    from promptmatch.mmseg.hooks import unwrap_model
+    from promptmatch.mmseg.runtime import check_data_roots, prepare_distributed
+
+    if not args.checkpoint.endswith(".safetensors"):
+        raise SystemExit(
+            f"error: {args.checkpoint!r} is not a prompt checkpoint (.safetensors); training writes "
+            "<work_dir>/prompts.safetensors"
+        )
+    read_prompt_metadata(args.checkpoint)  # fail early on a missing or foreign file
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = None
+    cfg.resume = False
+    check_data_roots(cfg)
+    prepare_distributed(cfg, args.launcher)
+    runner = Runner.from_cfg(cfg)
+    model = unwrap_model(runner.model)
+    if not hasattr(model, "trainable_state_dict"):
+        raise SystemExit(f"error: the config's model ({type(model).__name__}) is not a promptmatch model")
+    model.init_weights()  # the frozen backbone's pretrained weights (init_cfg); heads are replaced below
+    if getattr(model, "class_names", None) is None:
+        classes = runner.test_dataloader.dataset.metainfo.get("classes")
+        if classes is not None and len(classes) == model.num_classes:
+            model.class_names = list(classes)
+    load_prompts(model, args.checkpoint)
+    metrics = runner.test()
+    out = osp.join(cfg.work_dir, "test_metrics.json")
+    os.makedirs(cfg.work_dir, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "metrics": metrics}, f, indent=2, default=float)
+    print(json.dumps(metrics, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

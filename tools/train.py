@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Train a segmentor from an mmseg config; for promptmatch models, write the per-dataset
+prompt checkpoint (``<work_dir>/prompts.safetensors``) at every checkpoint interval and at
+the end. Mirrors mmseg's tools/train.py.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume] [--amp] [--cfg-options k=v ...]
+    bash tools/dist_train.sh CONFIG NUM_PROCS [...]     # multi-process (GPU: nccl; CPU: gloo)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import os.path as osp
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(description="Train a (prompt-tuned) segmentor")
+    p.add_argument("config", help="train config file path")
+    p.add_argument("--work-dir", help="the dir to save logs, checkpoints and prompts")
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="resume from the latest checkpoint in the work dir automatically")
+    p.add_argument("--amp", action="store_true", default=False, help="enable automatic mixed precision")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction,
+                   help="override settings in the config, key=value pairs (xxx=yyy)")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = p.parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mmengine.config import Config
+    from mmengine.logging import print_log
+    from mmengine.runner import Runner
+
+    from promptmatch.mmseg.runtime import add_prompt_hook, check_data_roots, prepare_distributed, trust_checkpoints_under
+
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        opt = cfg.optim_wrapper.get("type", "OptimWrapper")
+        if opt == "AmpOptimWrapper":
+            print_log("AMP training is already enabled in your config.", logger="current", level=logging.WARNING)
+        else:
+            assert opt == "OptimWrapper", f"`--amp` is only supported when the optimizer wrapper type is OptimWrapper, got {opt}"
+            cfg.optim_wrapper.type = "AmpOptimWrapper"
+            cfg.optim_wrapper.loss_scale = "dynamic"
+    cfg.resume = args.resume
+    check_data_roots(cfg)
+    add_prompt_hook(cfg)
+    prepare_distributed(cfg, args.launcher)
+    if "runner_type" in cfg:
+        from mmengine.registry import RUNNERS
+
+        runner = RUNNERS.build(cfg)
+    else:
+        runner = Runner.from_cfg(cfg)
+    with trust_checkpoints_under(cfg.work_dir):
+        runner.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
