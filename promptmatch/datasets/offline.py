@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import importlib.machinery
 import io
 import json
 import logging
@@ -105,7 +105,7 @@ CACHE_ENV = "PROMPTMATCH_CACHE"
 #: Pixels left unused between the train area and the validation area of every source, so
 #: that resampling filters reading a little outside a crop box cannot mix the two.
 GUARD_PX = 16
-_PNG_COMPRESS_LEVEL = 6
+_PNG_COMPRESS_LEVEL = 1  # zlib level: 3x faster than 6 for ~10% larger files
 
 
 # ------------------------------------------------------------------------------ errors
@@ -172,7 +172,7 @@ _SOURCES: Mapping[str, _Source] = MappingProxyType({s.key: s for s in (
             _CC0_TEXTURES, "scikit-image data.gravel(): Gravel04 from CC0Textures (cc0textures.com)"),
     _Source("moon", "skimage", "moon.png", (512, 512), "y", 248, "start",
             "78739619d11f7eb9c165bb5d2efd4772cee557812ec847532dbb1d92ef71f577",
-            "BSD-3-Clause (scikit-image; no licence stated for the image)",
+            "Not stated (ships with scikit-image, a BSD-3-Clause package)",
             "scikit-image data.moon(): surface of the moon", scale=1.5),
     _Source("ihc", "skimage", "ihc.png", (512, 512), "x", 168, "end",
             "f8dd1aa387ddd1f49d8ad13b50921b237df8e9b262606d258770687b0ef93cef",
@@ -185,7 +185,7 @@ _SOURCES: Mapping[str, _Source] = MappingProxyType({s.key: s for s in (
             "scikit-image data.coins(): Greek coins from Pompeii, Brooklyn Museum collection"),
     _Source("text", "skimage", "text.png", (448, 172), "x", 168, "end",
             "bd84aa3a6e3c9887850d45d606c96b2e59433fbef50338570b63c319e668e6d1",
-            "Public domain (scikit-image)",
+            "Public domain (scikit-image: no known copyright restrictions)",
             "scikit-image data.text(): handwritten text, Wikipedia File:Corner.png"),
     _Source("hubble", "skimage", "hubble_deep_field.jpg", (1000, 872), "x", 280, "end",
             "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
@@ -208,8 +208,8 @@ _SOURCES: Mapping[str, _Source] = MappingProxyType({s.key: s for s in (
             "Public domain (SpaceX)", "scikit-image data.rocket(): Falcon 9 launch pad, SpaceX"),
     _Source("retina", "skimage", "retina.jpg", (1411, 1411), "y", 368, "end",
             "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
-            "CC0-1.0", "scikit-image data.retina(): fundus photograph of a normal left eye, "
-            "Wikimedia Commons (Häggström)", scale=2.0, region=(240, 240, 1170, 1170)),
+            "CC0-1.0", "scikit-image data.retina(): Wikimedia Commons File:Fundus_photograph_of_"
+            "normal_left_eye.jpg (Mikael Häggström)", scale=2.0, region=(240, 240, 1170, 1170)),
     # --- fluorescence nuclei (stardist wheel) ---
     _Source("dsb_nuclei", "stardist", "stardist/data/images/img2d.tif", (512, 512), "y", 144, "end",
             "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750",
@@ -460,7 +460,8 @@ def _read_checked_member(zf: zipfile.ZipFile, member: str, sha256: str, wheel: P
 
 # ------------------------------------------------------------------------------ source loading
 def _skimage_data_dir() -> Path:
-    spec = importlib.util.find_spec("skimage")  # locates the package without importing it
+    # locate the package on sys.path without importing it (nor consulting sys.modules)
+    spec = importlib.machinery.PathFinder.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
         raise SourceNotFoundError(
             "the offline datasets are built from the sample images of scikit-image, which is "
