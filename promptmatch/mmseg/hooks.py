@@ -52,16 +52,17 @@ class PromptCheckpointHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if self.interval > 0 and self.every_n_train_iters(runner, self.interval):
-            self._save(runner, osp.join(self.out_dir, "prompts", f"iter_{runner.iter + 1}.safetensors"))
+            it = runner.iter + 1  # runner.iter counts the iterations before this one
+            self._save(runner, osp.join(self.out_dir, "prompts", f"iter_{it}.safetensors"), it)
 
     def after_train(self, runner) -> None:
-        self._save(runner, None)
+        self._save(runner, None, runner.iter)
 
-    def _save(self, runner, path: Optional[str]) -> None:
+    def _save(self, runner, path: Optional[str], iteration: int) -> None:
         model = unwrap_model(runner.model)
         if not is_main_process() or not hasattr(model, "trainable_state_dict"):
             return  # only rank 0 writes; plain (non-prompted) models have no prompt checkpoint
-        extra = {"iter": runner.iter + 1, "work_dir": str(runner.work_dir)}
+        extra = {"iter": iteration, "work_dir": str(runner.work_dir)}
         cfg_file = getattr(runner.cfg, "filename", None)
         if cfg_file:
             extra["config"] = str(cfg_file)

@@ -1,0 +1,116 @@
+"""mmseg integration: the one-line change on mmseg-shipped configs, both train scripts,
+tools/test.py reproducing the training-time evaluation, resume, refused prompts."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mmseg")
+pytestmark = pytest.mark.slow
+
+import promptmatch as pm  # noqa: E402
+
+from mmseg_utils import REPO, SHIPPED, make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tinyseg"))
+
+
+def _mmseg_train_script() -> str:
+    import mmseg
+
+    return str(Path(mmseg.__file__).parent / ".mim" / "tools" / "train.py")
+
+
+def _miou(log_text: str) -> float:
+    hits = re.findall(r"mIoU: ([0-9.]+)", log_text)
+    assert hits, log_text[-3000:]
+    return float(hits[-1])
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def trained(request, data_root, tmp_path_factory):
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    cfg = write_configs(tmp, name, tmp / "backbone.pth", data_root)
+    write_backbone_weights(cfg, tmp / "backbone.pth")
+    work = tmp / "work"
+    res = run([python(), "tools/train.py", str(cfg), "--work-dir", str(work)])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
+    return name, tmp, cfg, work, res.stdout + res.stderr
+
+
+def test_one_line_config_trains_with_promptmatch_train(trained):
+    name, tmp, cfg, work, log = trained
+    assert "promptmatch: spm on" in log and "trainable" in log
+    assert (work / "prompts.safetensors").is_file()
+    assert (work / "prompts" / "iter_2.safetensors").is_file()
+    meta = pm.read_prompt_metadata(work / "prompts.safetensors")
+    assert meta["class_names"] == ["red", "green", "blue"]
+    assert meta["method"] == "spm" and meta["num_classes"] == 3
+    # only matcher, head (and neck) weights are in the prompt checkpoint
+    assert not any(k.startswith("backbone.") for k in meta["tensors"])
+    assert any(k.startswith("method.") for k in meta["tensors"])
+    assert any(k.startswith("decode_head.") for k in meta["tensors"])
+
+
+def test_only_prompt_and_heads_train(trained):
+    name, tmp, cfg, work, log = trained
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    model = MODELS.build(Config.fromfile(str(cfg)).model)
+    model.init_weights()
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone" not in trainable
+    assert {"method", "decode_head"} <= trainable
+    model.train()
+    assert not model.backbone.training and model.decode_head.training
+
+
+def test_test_tool_reproduces_training_eval(trained):
+    name, tmp, cfg, work, log = trained
+    train_miou = _miou(log)
+    res = run([python(), "tools/test.py", str(cfg), str(work / "prompts.safetensors"), "--work-dir", str(tmp / "test")])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    metrics = json.loads((tmp / "test" / "test_metrics.json").read_text())["metrics"]
+    assert metrics["mIoU"] == pytest.approx(train_miou, abs=0.011)
+    assert "per class results" in res.stdout + res.stderr
+
+
+def test_mmseg_own_train_script(trained, data_root):
+    name, tmp, cfg, work, log = trained
+    res = run([python(), _mmseg_train_script(), str(cfg), "--work-dir", str(tmp / "mmseg_work")], cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "promptmatch: spm on" in res.stdout + res.stderr
+
+
+def test_resume(trained):
+    name, tmp, cfg, work, log = trained
+    if name != "upernet_r50":
+        pytest.skip("resume is exercised once")
+    res = run([python(), "tools/train.py", str(cfg), "--work-dir", str(work), "--resume",
+               "--cfg-options", "train_cfg.max_iters=4", "train_cfg.val_interval=4"])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    assert re.search(r"resumed? .*iter_2\.pth|Load checkpoint from .*iter_2\.pth|resumed epoch: 0, iter: 2", out, re.I), out[-3000:]
+    assert (work / "prompts" / "iter_4.safetensors").is_file()
+    assert pm.read_prompt_metadata(work / "prompts.safetensors")["extra"]["iter"] == 4
+
+
+def test_mismatched_prompts_refused(trained, tmp_path):
+    name, tmp, cfg, work, log = trained
+    if name != "upernet_r50":
+        pytest.skip("refusal is exercised once")
+    other = tmp / "other.py"
+    other.write_text(f"_base_ = ['./{cfg.name}']\nmodel = dict(method_cfg=dict(hidden_dim=32))\n")
+    res = run([python(), "tools/test.py", str(other), str(work / "prompts.safetensors"), "--work-dir", str(tmp_path)])
+    assert res.returncode != 0
+    assert "method_config.hidden_dim" in res.stderr
