@@ -1,0 +1,147 @@
+"""PromptEncoderDecoder over every supported mmseg backbone type and common decode heads,
+in process: identity at initialisation, frozen backbone, gradients only where they belong."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("mmseg")
+pytestmark = pytest.mark.slow
+
+from mmengine.config import ConfigDict  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.structures import PixelData  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.structures import SegDataSample  # noqa: E402
+
+K = 3
+SIDE = 64
+BN = dict(type="BN", requires_grad=True)
+
+BACKBONES = {
+    "ResNet": (dict(type="ResNet", depth=18, norm_cfg=BN), [64, 128, 256, 512]),
+    "ResNetV1c": (dict(type="ResNetV1c", depth=18, norm_cfg=BN), [64, 128, 256, 512]),
+    "VisionTransformer": (dict(type="VisionTransformer", img_size=(SIDE, SIDE), embed_dims=32, num_layers=4,
+                               num_heads=2, out_indices=(0, 1, 2, 3)), [32] * 4),
+    "BEiT": (dict(type="BEiT", img_size=(SIDE, SIDE), embed_dims=32, num_layers=4, num_heads=2,
+                  out_indices=(0, 1, 2, 3)), [32] * 4),
+    "MAE": (dict(type="MAE", img_size=(SIDE, SIDE), embed_dims=32, num_layers=4, num_heads=2,
+                 out_indices=(0, 1, 2, 3)), [32] * 4),
+    "SwinTransformer": (dict(type="SwinTransformer", embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                             window_size=4, pretrain_img_size=SIDE), [16, 32, 64, 128]),
+    "MixVisionTransformer": (dict(type="MixVisionTransformer", embed_dims=16, num_layers=[1, 1, 1, 1],
+                                  num_heads=[1, 2, 5, 8]), [16, 32, 80, 128]),
+    "promptmatch.TimmBackbone": (dict(type="promptmatch.TimmBackbone", model_name="test_convnext"), [24, 32, 48, 64]),
+}
+
+
+def head(kind, chans):
+    common = dict(num_classes=K, norm_cfg=BN, align_corners=False, channels=16)
+    if kind == "uper":
+        return dict(type="UPerHead", in_channels=chans, in_index=[0, 1, 2, 3], pool_scales=(1, 2), **common)
+    if kind == "fcn":
+        return dict(type="FCNHead", in_channels=chans[-1], in_index=3, num_convs=1, concat_input=False, **common)
+    if kind == "psp":
+        return dict(type="PSPHead", in_channels=chans[-1], in_index=3, pool_scales=(1, 2), **common)
+    if kind == "aspp":
+        return dict(type="ASPPHead", in_channels=chans[-1], in_index=3, dilations=(1, 2), **common)
+    if kind == "dsaspp":
+        return dict(type="DepthwiseSeparableASPPHead", in_channels=chans[-1], in_index=3, dilations=(1, 2),
+                    c1_in_channels=chans[0], c1_channels=8, **common)
+    if kind == "segformer":
+        return dict(type="SegformerHead", in_channels=chans, in_index=[0, 1, 2, 3], **common)
+    raise ValueError(kind)
+
+
+def build(model_type, backbone, decode, aux=None, **extra):
+    init_default_scope("mmseg")
+    cfg = dict(type=model_type, backbone=copy.deepcopy(backbone), decode_head=decode,
+               data_preprocessor=dict(type="SegDataPreProcessor", size=(SIDE, SIDE)),
+               test_cfg=ConfigDict(mode="whole"), **extra)
+    if aux is not None:
+        cfg["auxiliary_head"] = aux
+    torch.manual_seed(0)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    return model
+
+
+def batch(n=2):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, SIDE, SIDE, generator=g)
+    samples = []
+    for _ in range(n):
+        s = SegDataSample(metainfo=dict(img_shape=(SIDE, SIDE), ori_shape=(SIDE, SIDE), pad_shape=(SIDE, SIDE)))
+        s.gt_sem_seg = PixelData(data=torch.randint(0, K, (1, SIDE, SIDE), generator=g))
+        samples.append(s)
+    return images, samples
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_types(name):
+    backbone, chans = BACKBONES[name]
+    decode = head("uper", chans)
+    aux = head("fcn", chans)
+    model = build("promptmatch.PromptEncoderDecoder", backbone, decode, aux)
+    plain = build("EncoderDecoder", backbone, decode, aux)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("method.")})
+    # frozen like the prompted one: requires_grad picks kernels (nn.MultiheadAttention's fast path)
+    plain.backbone.requires_grad_(False)
+    images, samples = batch()
+    model.eval(), plain.eval()
+    with torch.no_grad():  # zero-initialised injection: exactly the unprompted model at start
+        torch.testing.assert_close(model.encode_decode(images, [s.metainfo for s in samples]),
+                                   plain.encode_decode(images, [s.metainfo for s in samples]), rtol=0, atol=0)
+    model.train()
+    assert not model.backbone.training
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    losses = model.loss(images, samples)
+    assert any(k.startswith("prompt.loss_interim_") for k in losses)
+    sum(v for k, v in losses.items() if "loss" in k).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.method.parameters())
+    assert all(p.grad is not None for p in model.decode_head.parameters() if p.requires_grad)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kind", ["fcn", "psp", "aspp", "dsaspp", "segformer"])
+def test_decode_heads(kind):
+    backbone, chans = BACKBONES["ResNetV1c"]
+    model = build("promptmatch.PromptEncoderDecoder", backbone, head(kind, chans), head("fcn", chans))
+    images, samples = batch()
+    model.train()
+    losses = model.loss(images, samples)
+    sum(v for k, v in losses.items() if "loss" in k).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model.predict(images, samples)
+    assert out[0].pred_sem_seg.data.shape == (1, SIDE, SIDE)
+
+
+def test_unknown_backbone_gets_clear_error():
+    with pytest.raises(ValueError, match=r"MobileNetV2.*Supported types: ResNet.*stage_modules"):
+        build("promptmatch.PromptEncoderDecoder", dict(type="MobileNetV2", norm_cfg=BN),
+              head("fcn", [16, 24, 32, 320]))
+
+
+def test_unknown_backbone_with_stage_modules():
+    model = build("promptmatch.PromptEncoderDecoder", dict(type="MobileNetV2", norm_cfg=BN, out_indices=(1, 2, 4, 6)),
+                  head("uper", [24, 32, 96, 320]), stage_modules=["layer2", "layer3", "layer5", "layer7"])
+    assert [s.channels for s in model.staged.stages] == [24, 32, 96, 320]
+    images, samples = batch()
+    sum(v for k, v in model.loss(images, samples).items() if "loss" in k).backward()
+
+
+def test_registered_names_do_not_collide_with_mmseg():
+    import promptmatch.mmseg  # noqa: F401
+    from mmseg.registry import DATASETS as MMSEG_DATASETS
+    from mmseg.registry import MODELS as MMSEG_MODELS
+
+    from promptmatch.registry import DATASETS, HOOKS, MODELS as PM_MODELS
+
+    assert PM_MODELS.scope == DATASETS.scope == HOOKS.scope == "promptmatch"
+    assert not set(PM_MODELS.module_dict) & set(MMSEG_MODELS.module_dict)
+    assert not set(DATASETS.module_dict) & set(MMSEG_DATASETS.module_dict)
