@@ -1,0 +1,130 @@
+"""tools/infer.py end to end: train tiny prompts with tools/train.py, then write a mask and
+an overlay per image (single file and folder), with the dataset's palette; clear errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mmseg")
+pytestmark = pytest.mark.slow
+
+from mmseg_utils import REPO, make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
+
+PALETTE = np.array([[220, 40, 40], [40, 200, 60], [40, 60, 220]], dtype=np.uint8)  # the tiny dataset's
+
+
+def _infer_module():
+    spec = importlib.util.spec_from_file_location("promptmatch_infer_tool", REPO / "tools" / "infer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer")
+    data_root = make_tiny_dataset(tmp / "data")
+    cfg = write_configs(tmp, "upernet_r50", tmp / "backbone.pth", data_root)
+    write_backbone_weights(cfg, tmp / "backbone.pth")
+    work = tmp / "work"
+    res = run([python(), "tools/train.py", str(cfg), "--work-dir", str(work)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    prompts = work / "prompts.safetensors"
+    assert prompts.is_file()
+    return tmp, cfg, prompts, data_root
+
+
+def _colours(img: np.ndarray) -> set:
+    return {tuple(int(v) for v in c) for c in np.unique(img.reshape(-1, 3), axis=0)}
+
+
+def test_infer_folder_and_file(trained):
+    from PIL import Image
+
+    tmp, cfg, prompts, data_root = trained
+    val = data_root / "img_dir" / "val"
+    # a folder: the tiny val images plus one of another size and format
+    folder = tmp / "images"
+    shutil.copytree(val, folder)
+    odd = np.asarray(Image.open(val / "0.png").convert("RGB").resize((90, 50)))
+    Image.fromarray(odd).save(folder / "odd.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp / "out"
+    opacity = 0.4
+    res = run([python(), "tools/infer.py", str(cfg), str(prompts), "--images", str(folder),
+               "--out-dir", str(out), "--opacity", str(opacity)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "segmented 5 image(s)" in res.stdout
+
+    inputs = sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
+    assert len(inputs) == 5
+    masks = sorted(out.glob("*_mask.png"))
+    overlays = sorted(out.glob("*_overlay.png"))
+    assert len(masks) == len(overlays) == len(inputs)
+    palette = {tuple(int(v) for v in c) for c in PALETTE}
+    for src in inputs:
+        image = np.asarray(Image.open(src).convert("RGB"))
+        mask = np.asarray(Image.open(out / f"{src.stem}_mask.png"))
+        overlay = np.asarray(Image.open(out / f"{src.stem}_overlay.png"))
+        assert mask.shape == overlay.shape == image.shape, src.name
+        assert _colours(mask) <= palette, src.name
+        expected = np.rint((1 - opacity) * image.astype(np.float32) + opacity * mask.astype(np.float32))
+        assert np.abs(overlay.astype(np.int32) - expected.astype(np.int32)).max() <= 1
+    legend = json.loads((out / "palette.json").read_text())
+    assert legend == {"red": [220, 40, 40], "green": [40, 200, 60], "blue": [40, 60, 220]}
+
+    # a single file; predictions are deterministic
+    single = tmp / "single"
+    res = run([python(), "tools/infer.py", str(cfg), str(prompts), "--images", str(val / "1.png"), "--out-dir", str(single)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert sorted(p.name for p in single.glob("*.png")) == ["1_mask.png", "1_overlay.png"]
+    assert np.array_equal(np.asarray(Image.open(single / "1_mask.png")), np.asarray(Image.open(out / "1_mask.png")))
+
+
+def test_infer_default_images_are_the_test_split(trained, tmp_path):
+    tmp, cfg, prompts, data_root = trained
+    res = run([python(), "tools/infer.py", str(cfg), str(prompts), "--out-dir", str(tmp_path)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    n = len(list((data_root / "img_dir" / "val").glob("*.png")))
+    assert len(list(tmp_path.glob("*_mask.png"))) == len(list(tmp_path.glob("*_overlay.png"))) == n
+
+
+def test_infer_clear_errors(trained, tmp_path):
+    tmp, cfg, prompts, data_root = trained
+    infer = _infer_module()
+    with pytest.raises(SystemExit, match="does not exist"):
+        infer.main([str(cfg), str(tmp_path / "missing.safetensors"), "--images", str(data_root)])
+    with pytest.raises(SystemExit, match="not a prompt checkpoint"):
+        infer.main([str(cfg), str(tmp / "backbone.pth"), "--images", str(data_root)])
+    with pytest.raises(SystemExit, match="images .*do not exist"):
+        infer.main([str(cfg), str(prompts), "--images", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        infer.main([str(cfg), str(prompts), "--images", str(tmp_path / "empty"), "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        infer.main([str(cfg), str(prompts), "--opacity", "1.5"])
+    with pytest.raises(SystemExit, match="pretrained weights are missing: .*nowhere.pth"):
+        infer.main([str(cfg), str(prompts), "--images", str(data_root / "img_dir" / "val"), "--out-dir", str(tmp_path),
+                    "--cfg-options", f"model.backbone.init_cfg.checkpoint={tmp_path / 'nowhere.pth'}"])
+    # prompts trained for another method config are refused with the differing field
+    other = tmp / "other_hidden.py"
+    other.write_text(f"_base_ = ['./{cfg.name}']\nmodel = dict(method_cfg=dict(hidden_dim=32))\n")
+    res = run([python(), "tools/infer.py", str(other), str(prompts), "--images", str(data_root / "img_dir" / "val"),
+               "--out-dir", str(tmp_path / "refused")])
+    assert res.returncode != 0
+    assert "method_config.hidden_dim" in res.stderr
+    assert not list((tmp_path / "refused").glob("*_mask.png"))
+
+
+def test_palettes():
+    infer = _infer_module()
+    fixed = infer.fixed_palette(171)
+    assert fixed.shape == (171, 3) and fixed.dtype == np.uint8
+    assert len(_colours(fixed)) == 171  # distinct
+    assert np.array_equal(infer.make_palette(3, {"palette": PALETTE.tolist()}), PALETTE)
+    assert np.array_equal(infer.make_palette(3, {"palette": PALETTE[:2].tolist()}), infer.fixed_palette(3))
+    assert np.array_equal(infer.make_palette(5, {}), infer.fixed_palette(5))
