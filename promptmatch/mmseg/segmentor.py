@@ -106,6 +106,12 @@ class PromptEncoderDecoder(EncoderDecoder):
             num_stages=num_stages if names is None else None,
             probe_size=probe,
         )
+        if num_stages is not None and len(staged.stages) != num_stages:
+            raise ValueError(
+                f"num_stages={num_stages} on the model, but the backbone is already split into "
+                f"{len(staged.stages)} stages; set num_stages on the backbone "
+                "(promptmatch.TimmBackbone(num_stages=...)) instead"
+            )
         staged.freeze()
         object.__setattr__(self, "staged", staged)
         self.method_name = method

@@ -1,9 +1,11 @@
 """Any timm model as an mmseg backbone, built offline from a name and a local weights file."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from ..backbones import create_backbone
@@ -38,6 +40,13 @@ class TimmBackbone(BaseModule):
         init_cfg=None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
+        if weights is None:
+            print_log(
+                f"promptmatch.TimmBackbone: no weights given for {model_name!r}; the backbone is randomly "
+                "initialised (pass weights='/path/to/file.safetensors' for pretrained weights)",
+                logger="current",
+                level=logging.WARNING,
+            )
         self.model_name = model_name
         self.model = create_backbone(
             model_name, weights=weights, weights_remap=weights_remap, **dict(model_kwargs or {})
