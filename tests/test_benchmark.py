@@ -1,0 +1,144 @@
+"""The benchmark tool: spec validation, grid, resumable result store, report, Kendall tau."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import promptmatch as pm
+from promptmatch import benchmark as bm
+
+TINY = {
+    "name": "tiny",
+    "methods": ["linear", "spm"],
+    "backbones": [{"name": "test_resnet"}],
+    "datasets": [{"name": "nuclei", "splits": ["val", "val_blur"]}],
+    "settings": {"steps": 3, "batch": 2, "image_size": 64, "warmup": 1, "eval_batch": 64, "latency_images": 1},
+    "seeds": [0, 1],
+}
+
+
+def _lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny grid run once, in-process, with a cell limit, then resumed to the end."""
+    out = tmp_path_factory.mktemp("bench")
+    spec = bm.validate_spec(TINY)
+    first = bm.run_benchmark(spec, out, max_cells=3, progress=False, report=False, isolate=False)
+    after_first = _lines(out / "results.jsonl")
+    rest = bm.run_benchmark(spec, out, progress=False, isolate=False)
+    return spec, out, first, after_first, rest
+
+
+def test_tiny_grid_end_to_end(tiny_run):
+    spec, out, first, _, rest = tiny_run
+    recs = bm.ResultStore(out / "results.jsonl").load()
+    assert len(recs) == 4 == len(bm.expand_grid(spec))
+    assert {r["status"] for r in recs} == {"ok"}
+    r = recs[0]
+    assert set(r["miou"]) == {"val", "val_blur"} and 0 <= r["miou"]["val"] <= 1
+    assert set(r["per_class_iou"]["val"]) == set(pm.datasets.dataset_classes("nuclei"))
+    for k in ("trainable_params", "trainable_pct", "checkpoint_bytes", "step_time_median_s", "throughput_img_s",
+              "peak_mem_mb", "latency_ms_median", "wall_s", "versions", "seed"):
+        assert k in r, k
+    assert r["checkpoint_bytes"] > 0 and r["trainable_params"] > 0
+    report = (out / "report.md").read_text()
+    assert "## nuclei" in report and "Kendall" in report and "val_blur mIoU" in report
+    for png in ("pareto_nuclei.png", "step_time.png", "memory.png"):
+        assert (out / png).stat().st_size > 1000
+    rows = [row for row in bm.aggregate(recs) if row["status"] == "ok"]
+    assert {row["method"] for row in rows} == {"linear", "spm"} and all(row["n_seeds"] == 2 for row in rows)
+
+
+def test_resume_skips_finished_cells(tiny_run):
+    spec, out, first, after_first, rest = tiny_run
+    assert len(first) == 3 and len(after_first) == 3
+    assert len(rest) == 1 and rest[0]["key"] not in {r["key"] for r in first}
+    keys = [json.loads(line)["key"] for line in _lines(out / "results.jsonl")]
+    assert len(keys) == len(set(keys)) == 4
+    assert bm.run_benchmark(spec, out, progress=False, report=False, isolate=False) == []
+
+
+def test_truncated_line_tolerated_and_report_only(tiny_run, tmp_path):
+    _, out, *_ = tiny_run
+    lines = _lines(out / "results.jsonl")
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    store = bm.ResultStore(tmp_path / "results.jsonl")
+    assert len(store.load()) == 2
+    store.append(json.loads(lines[3]))  # after a kill: the next record starts on a new line
+    assert [r["key"] for r in store.load()] == [json.loads(lines[i])["key"] for i in (0, 1, 3)]
+    assert bm.main(["--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_cell_in_child_process_and_skipped_method(tmp_path, monkeypatch):
+    spec = bm.validate_spec({**TINY, "methods": ["linear"], "seeds": [0], "datasets": [
+        {"name": "nuclei", "splits": ["val"]}]})
+    cell = bm.expand_grid(spec)[0]
+    rec = bm.run_cell_in_child(cell, timeout_s=300)
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["peak_mem_kind"].startswith("cpu peak RSS") and rec["peak_mem_mb"] >= 0
+    assert rec["baseline_rss_mb"] > 0
+
+    # a method that raises at creation (e.g. ViT-only on a CNN) is recorded as skipped
+    real = pm.create_segmentor
+
+    def refuse(backbone, method="spm", *a, **k):
+        if method == "spm":
+            raise ValueError("spm does not apply to this backbone (test)")
+        return real(backbone, method, *a, **k)
+
+    monkeypatch.setattr(pm, "create_segmentor", refuse)
+    rec = bm.run_cell(bm.Cell("spm", cell.backbone, cell.dataset, cell.settings, 0))
+    assert rec["status"] == "skipped" and "does not apply" in rec["reason"]
+
+
+def test_kendall_tau_b():
+    assert bm.kendall_tau_b([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert bm.kendall_tau_b([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert bm.kendall_tau_b([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    # ties: tau-b, checked against scipy
+    x, y = [1, 2, 2, 3, 4], [2, 1, 3, 3, 5]
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert bm.kendall_tau_b(x, y) == pytest.approx(scipy_stats.kendalltau(x, y)[0])
+    assert math.isnan(bm.kendall_tau_b([1, 1], [1, 2]))
+
+
+def test_spec_validation_errors_name_what_is_available(tmp_path):
+    with pytest.raises(bm.SpecError, match="available: .*linear.*spm"):
+        bm.validate_spec({**TINY, "methods": ["nope"]})
+    with pytest.raises(bm.SpecError, match="available: nuclei, photo_collage, texture_mosaic"):
+        bm.validate_spec({**TINY, "datasets": ["ade"]})
+    with pytest.raises(bm.SpecError, match="unknown decoder 'upernet'; available: linear, multilevel"):
+        bm.validate_spec({**TINY, "settings": {"decoder": "upernet"}})
+    with pytest.raises(bm.SpecError, match="unknown split"):
+        bm.validate_spec({**TINY, "datasets": [{"name": "nuclei", "splits": ["train"]}]})
+    with pytest.raises(bm.SpecError, match="not a timm model"):
+        bm.validate_spec({**TINY, "backbones": ["no_such_net"]})
+    with pytest.raises(bm.SpecError, match="unknown key"):
+        bm.validate_spec({**TINY, "method": "spm"})
+    with pytest.raises(bm.SpecError, match="'steps' must be a positive integer"):
+        bm.validate_spec({**TINY, "settings": {"steps": 0}})
+    with pytest.raises(bm.SpecError, match="unknown profile 'nope'; available: .*quick"):
+        bm.profile_path("nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert bm.main(["--spec", str(bad), "--validate"]) == 2
+
+
+def test_profiles_validate_and_grid():
+    quick = bm.load_spec(bm.profile_path("quick"))
+    assert quick.methods == list(pm.list_methods())  # "all": from the registry
+    assert {d["name"] for d in quick.datasets} == set(pm.datasets.list_offline_datasets())
+    assert all("val" in d["splits"] and "val_blur" in d["splits"] for d in quick.datasets)
+    assert {s["decoder"] for s in quick.settings} == {"linear", "multilevel"}
+    assert quick.backbones[0]["weights"] == bm.EFFICIENTNET_LITE0_WEIGHTS
+    assert len(bm.expand_grid(quick)) == len(pm.list_methods()) * 3 * 2
+    full = bm.load_spec(bm.profile_path("full"))
+    assert full.device == "cuda" and full.backbones[0]["name"].startswith("vit_base_patch16")
+    keys = [c.key for c in bm.expand_grid(quick)]
+    assert len(keys) == len(set(keys))
