@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Iterator, Union
 
 import torch
 from torch import nn

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("mmseg")
 pytestmark = pytest.mark.slow
 
-from mmseg_utils import REPO, make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
+from mmseg_utils import make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 import promptmatch as pm  # noqa: E402
 
-from mmseg_utils import REPO, SHIPPED, make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
+from mmseg_utils import SHIPPED, make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

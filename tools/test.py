@@ -37,12 +37,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
     from promptmatch.checkpoint import load_prompts, read_prompt_metadata
     from promptmatch.mmseg.hooks import unwrap_model
-    from promptmatch.mmseg.runtime import check_data_roots, prepare_distributed
+    from promptmatch.mmseg.runtime import check_data_roots, load_config, prepare_distributed
 
     if not args.checkpoint.endswith(".safetensors"):
         raise SystemExit(
@@ -50,14 +49,7 @@ def main(argv=None) -> int:
             "<work_dir>/prompts.safetensors"
         )
     read_prompt_metadata(args.checkpoint)  # fail early on a missing or foreign file
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir") is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     cfg.load_from = None
     cfg.resume = False
     check_data_roots(cfg)

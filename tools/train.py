@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import os.path as osp
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,20 +37,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmengine.config import Config
     from mmengine.logging import print_log
     from mmengine.runner import Runner
 
-    from promptmatch.mmseg.runtime import add_prompt_hook, check_data_roots, prepare_distributed, trust_checkpoints_under
+    from promptmatch.mmseg.runtime import (
+        add_prompt_hook, check_data_roots, load_config, prepare_distributed, trust_checkpoints_under,
+    )
 
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir") is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     if args.amp:
         opt = cfg.optim_wrapper.get("type", "OptimWrapper")
         if opt == "AmpOptimWrapper":

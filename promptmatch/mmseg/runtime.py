@@ -14,12 +14,32 @@ from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
 __all__ = [
+    "load_config",
     "prepare_distributed",
     "trust_checkpoints_under",
     "check_data_roots",
     "DatasetMissingError",
     "add_prompt_hook",
 ]
+
+
+def load_config(
+    path: str,
+    cfg_options: Optional[dict] = None,
+    work_dir: Optional[str] = None,
+    launcher: str = "none",
+) -> Config:
+    """Read a config the way mmseg's tools do: ``--cfg-options`` merged, launcher set, and
+    ``work_dir`` from the argument, the config, or ``./work_dirs/<config name>``."""
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(path))[0])
+    return cfg
 
 
 class DatasetMissingError(FileNotFoundError):
