@@ -16,6 +16,7 @@ from .checkpoint import (
 from .decoders import LinearDecoder, MultiLevelDecoder, list_decoders
 from .methods import (
     MethodConfig,
+    MethodNotApplicableError,
     SemanticPromptMatcher,
     SPMConfig,
     TuningMethod,
@@ -45,6 +46,7 @@ __all__ = [
     "SPMConfig",
     "SemanticPromptMatcher",
     "MethodConfig",
+    "MethodNotApplicableError",
     "TuningMethod",
     "register_method",
     "get_method",

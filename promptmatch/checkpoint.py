@@ -59,10 +59,25 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         raise
 
 
+def _backbone_trains_buffers(model: nn.Module) -> bool:
+    """Whether the backbone's buffers (BatchNorm statistics) are trained, i.e. it is not frozen."""
+    staged = getattr(model, "staged", None)
+    return staged is not None and not staged.frozen
+
+
+def _trainable_backbone_keys(model: nn.Module) -> set:
+    backbone = model.backbone
+    keys = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    if _backbone_trains_buffers(model):
+        keys |= {n for n, _ in backbone.named_buffers()}
+    return keys
+
+
 def _frozen_backbone_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
-    backbone = getattr(model, "backbone", model)
-    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
-    return {k: v for k, v in backbone.state_dict().items() if k not in trainable}
+    if not hasattr(model, "backbone"):
+        return dict(model.state_dict())
+    trainable = _trainable_backbone_keys(model)
+    return {k: v for k, v in model.backbone.state_dict().items() if k not in trainable}
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -100,8 +115,12 @@ def backbone_architecture(backbone: nn.Module) -> str:
 
 
 def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Every state_dict entry of ``model`` except the frozen weights of ``model.backbone``."""
-    trainable_backbone = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if p.requires_grad}
+    """Every state_dict entry of ``model`` except the frozen weights of ``model.backbone``.
+
+    Trainable backbone parameters (and, for a backbone that is not frozen, its buffers) are
+    included: a prompt checkpoint of full fine-tuning holds the whole backbone.
+    """
+    trainable_backbone = {f"backbone.{n}" for n in _trainable_backbone_keys(model)}
     return {
         k: v for k, v in model.state_dict().items() if not k.startswith("backbone.") or k in trainable_backbone
     }

@@ -53,15 +53,23 @@ class PromptSegmentor(nn.Module):
         self.class_names = class_names
         self.ignore_index = ignore_index
         self.backbone = backbone
-        get_method(method)  # fail on a bad name before touching the backbone
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; available decoders: {list_decoders()}")
+        method_cls = get_method(method)
         newly_staged = getattr(backbone, "_promptmatch_staged", None) is None
-        staged = stage_backbone(backbone, stage_modules=stage_modules, num_stages=num_stages)
+        staged = stage_backbone(
+            backbone, stage_modules=stage_modules, num_stages=num_stages, freeze=method_cls.freezes_backbone
+        )
+        if staged.frozen != method_cls.freezes_backbone:
+            raise ValueError(
+                f"method {method!r} {'freezes' if method_cls.freezes_backbone else 'trains'} the backbone, but "
+                "this backbone is shared with a segmentor that does the opposite"
+            )
         object.__setattr__(self, "staged", staged)  # plain attribute, not a submodule
         try:
             self.method_name = method
             self.method = build_method(method, staged.stages, num_classes, method_cfg)
+            self.method.attach(backbone)
             self.decoder_name = decoder
             self.decoder_cfg = dict(decoder_cfg or {})
             self.decode_head = build_decoder(decoder, staged.stages, num_classes, self.decoder_cfg)
@@ -77,6 +85,18 @@ class PromptSegmentor(nn.Module):
         super().train(mode)
         self.staged.keep_frozen()
         return self
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> List[Dict[str, Any]]:
+        """Optimiser parameter groups of the trainable parameters: trainable backbone
+        parameters at ``lr * method.backbone_lr_mult``, the rest at ``lr``."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        groups = [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad],
+             "lr": lr * self.method.backbone_lr_mult, "weight_decay": weight_decay, "name": "backbone"},
+            {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids],
+             "lr": lr, "weight_decay": weight_decay, "name": "prompts_and_head"},
+        ]
+        return [g for g in groups if g["params"]]
 
     # -------------------------------------------------------------- forward
     def forward_features(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], Dict[str, Any]]:

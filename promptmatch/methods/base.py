@@ -10,7 +10,11 @@ from torch import nn
 
 from ..staging import Stage
 
-__all__ = ["MethodConfig", "TuningMethod", "register_method", "get_method", "list_methods", "build_method"]
+__all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "register_method", "get_method", "list_methods", "build_method"]
+
+
+class MethodNotApplicableError(ValueError):
+    """A tuning method cannot be used with this backbone (e.g. token prompts on a CNN)."""
 
 
 @dataclass
@@ -41,12 +45,21 @@ class TuningMethod(nn.Module):
 
     name: str = ""
     config_class: Type[MethodConfig] = MethodConfig
+    #: False for methods that train the backbone itself (full fine-tuning): it is then not
+    #: frozen, follows ``train()``/``eval()`` and its buffers go into prompt checkpoints.
+    freezes_backbone: bool = True
+    #: learning-rate multiplier of trainable backbone parameters (see ``param_groups``)
+    backbone_lr_mult: float = 1.0
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: MethodConfig) -> None:
         super().__init__()
         self.stages = tuple(stages)
         self.num_classes = num_classes
         self.config = config
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Called once when the segmentor is built, after the backbone is staged (and frozen
+        if :attr:`freezes_backbone`): unfreeze parts, inject modules, register hooks."""
 
     def init_state(self) -> Dict[str, Any]:
         return {"interim": {}}
