@@ -7,3 +7,10 @@ __all__ = [
     "MethodConfig", "MethodNotApplicableError", "TuningMethod", "build_method", "get_method", "list_methods", "register_method",
     "LinearProbe", "LinearProbeConfig", "SPMConfig", "SemanticPromptMatcher", "ConvGRUCell",
 ]
+from .full import FullFineTune, FullFineTuneConfig  # noqa: E402
+from .bitfit import BitFit, BitFitConfig  # noqa: E402
+
+__all__ += ["FullFineTune", "FullFineTuneConfig", "BitFit", "BitFitConfig"]
+from .lora import LoRA, LoRAConfig  # noqa: E402
+
+__all__ += ["LoRA", "LoRAConfig"]
