@@ -425,13 +425,6 @@ def _load_data(dataset: Mapping[str, Any], image_size: Optional[int]):
     return tensors("train"), {s: tensors(s) for s in dataset["splits"]}, pmdata.dataset_classes(dataset["name"])
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     """Train and evaluate one cell in this process and return its record.
 
@@ -444,6 +437,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     import torch
 
     import promptmatch as pm
+    from promptmatch.training import _sync, evaluate_segmentor, train_segmentor
 
     cell = cell if isinstance(cell, Cell) else Cell.from_dict(cell)
     t_start = time.perf_counter()
@@ -479,31 +473,8 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     # training (as tools/demo.py: AdamW, polynomial decay, random flips)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    g = torch.Generator().manual_seed(cell.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.01)
-    steps = s["steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (1 - i / steps) ** 0.9)
-    model.train()
-    times, losses = [], []
-    for _ in range(steps):
-        idx = torch.randint(0, len(train_x), (s["batch"],), generator=g)
-        x, y = train_x[idx], train_y[idx]
-        if torch.rand((), generator=g) < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        if torch.rand((), generator=g) < 0.5:
-            x, y = x.flip(-2), y.flip(-2)
-        x, y = x.to(device), y.to(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = sum(model.loss(x, y).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
+    run = train_segmentor(model, train_x, train_y, s["steps"], s["batch"], s["lr"], seed=cell.seed, device=device)
+    times, losses = run["times"], run["losses"]
     warm = times[min(s["warmup"], len(times) - 1):]
     step_s = float(np.median(warm))
     if device.type == "cuda":
@@ -520,11 +491,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     rec["miou"], rec["per_class_iou"] = {}, {}
     with torch.no_grad():
         for split, (x, y) in evals.items():
-            conf = torch.zeros(k, k, dtype=torch.long)
-            for i in range(0, len(x), s["eval_batch"]):
-                p = model(x[i:i + s["eval_batch"]].to(device)).argmax(1).cpu()
-                conf += _confusion(p, y[i:i + s["eval_batch"]], k)
-            m, per_class = _miou(conf)
+            m, per_class, _ = evaluate_segmentor(model, x, y, k, batch=s["eval_batch"], device=device)
             rec["miou"][split] = m
             rec["per_class_iou"][split] = dict(zip(classes, per_class))
         # latency: one image at a time
@@ -547,24 +514,6 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
         rec["checkpoint_bytes"] = Path(ckpt).stat().st_size
     rec.update(status="ok", wall_s=time.perf_counter() - t_start, versions=_versions())
     return rec
-
-
-def _confusion(pred, label, k: int, ignore: int = 255):
-    import torch
-
-    keep = label != ignore
-    return torch.bincount(label[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
-
-
-def _miou(conf) -> Tuple[float, List[Optional[float]]]:
-    import numpy as np
-
-    conf = conf.double().numpy()
-    inter = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), \
-        [None if not np.isfinite(v) else float(v) for v in iou]
 
 
 def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None) -> Dict[str, Any]:

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import promptmatch as pm  # noqa: E402
 from promptmatch import datasets as pmdata  # noqa: E402
+from promptmatch.training import evaluate_segmentor, train_segmentor  # noqa: E402
 
 _logger = logging.getLogger("promptmatch.demo")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -56,58 +57,18 @@ def to_tensors(images: np.ndarray, labels: np.ndarray) -> Tuple[torch.Tensor, to
     return (x - MEAN) / STD, torch.from_numpy(labels.astype(np.int64))
 
 
-def confusion(pred: torch.Tensor, label: torch.Tensor, k: int, ignore: int = 255) -> torch.Tensor:
-    keep = label != ignore
-    idx = label[keep] * k + pred[keep]
-    return torch.bincount(idx, minlength=k * k).reshape(k, k)
+def train(model, images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
+          desc: str) -> Dict[str, float]:
+    """Train with a progress bar; returns timing figures."""
+    bar = tqdm(total=steps, desc=desc, unit="step", mininterval=2.0)
 
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-def miou(conf: torch.Tensor) -> Tuple[float, List[float]]:
-    conf = conf.double()
-    inter = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
-    return float(np.nanmean(iou.numpy())), [float(v) for v in iou]
-
-
-@torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, k: int, batch: int = 16) -> Tuple[float, List[float], torch.Tensor]:
-    model.eval()
-    conf = torch.zeros(k, k, dtype=torch.long)
-    preds = []
-    for i in range(0, len(images), batch):
-        p = model(images[i : i + batch]).argmax(1)
-        preds.append(p)
-        conf += confusion(p, labels[i : i + batch], k)
-    m, per_class = miou(conf)
-    return m, per_class, torch.cat(preds)
-
-
-def train(model, images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, lr: float, seed: int, desc: str) -> Dict[str, float]:
-    """AdamW with polynomial decay over random flipped mini-batches; returns timing figures."""
-    g = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / steps) ** 0.9)
-    model.train()
-    times = []
-    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=2.0)
-    for _ in bar:
-        idx = torch.randint(0, len(images), (batch,), generator=g)
-        x, y = images[idx], labels[idx]
-        if torch.rand((), generator=g) < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        if torch.rand((), generator=g) < 0.5:
-            x, y = x.flip(-2), y.flip(-2)
-        t0 = time.perf_counter()
-        losses = model.loss(x, y)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        times.append(time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    run = train_segmentor(model, images, labels, steps, batch, lr, seed=seed, on_step=on_step)
+    bar.close()
+    times = run["times"]
     warm = times[min(5, len(times) - 1):]
     return {"median_step_s": float(np.median(warm)), "train_s": float(sum(times))}
 
@@ -179,7 +140,7 @@ def main(argv=None) -> int:
         res = {"trainable_params": rep.trainable,
                "trainable_pct_of_backbone": rep.percent_of_backbone(rep.trainable), **timing}
         for s, (x, y) in val_t.items():
-            m, per_class, p = evaluate(model, x, y, k)
+            m, per_class, p = evaluate_segmentor(model, x, y, k)
             res[s] = {"mIoU": m, "per_class_IoU": dict(zip(classes, per_class))}
             if s == "val":
                 preds[method] = p.numpy().astype(np.uint8)
