@@ -11,6 +11,10 @@ from .full import FullFineTune, FullFineTuneConfig  # noqa: E402
 from .bitfit import BitFit, BitFitConfig  # noqa: E402
 
 __all__ += ["FullFineTune", "FullFineTuneConfig", "BitFit", "BitFitConfig"]
+from .vpt import VisualPromptTuning, VPTConfig  # noqa: E402
+from .adaptformer import AdaptFormer, AdaptFormerConfig  # noqa: E402
+
+__all__ += ["VisualPromptTuning", "VPTConfig", "AdaptFormer", "AdaptFormerConfig"]
 from .lora import LoRA, LoRAConfig  # noqa: E402
 
 __all__ += ["LoRA", "LoRAConfig"]
