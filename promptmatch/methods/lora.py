@@ -120,8 +120,9 @@ def _is_stem(name: str, conv: nn.Conv2d, in_chans: Optional[int]) -> bool:
     return name.split(".", 1)[0] in _NOT_STAGES or (in_chans is not None and conv.in_channels == in_chans)
 
 
-def lora_target_modules(backbone: nn.Module, config: LoRAConfig) -> List[str]:
-    """Full names of the modules of ``backbone`` that LoRA adapts under ``config``."""
+def lora_target_modules(backbone: nn.Module, config: LoRAConfig, stage_modules: Sequence[str] = ()) -> List[str]:
+    """Full names of the modules of ``backbone`` that LoRA adapts under ``config``; none of
+    them may be one of ``stage_modules`` (their boundary hooks would be lost)."""
     mods = dict(backbone.named_modules())
     t = config.target_modules
     if isinstance(t, str):
@@ -145,6 +146,9 @@ def lora_target_modules(backbone: nn.Module, config: LoRAConfig) -> List[str]:
     if not names:
         what = f"target_modules={t!r}" if t is not None else "the automatic targets (attention Linears, dense convs)"
         raise MethodNotApplicableError(f"lora: {what} match no module of {type(backbone).__name__}")
+    clash = [n for n in names if n in set(stage_modules)]
+    if clash:
+        raise ValueError(f"lora: stage modules {clash} cannot be LoRA targets (they end the stages)")
     bad = [n for n in names if not isinstance(mods[n], (nn.Linear, nn.Conv2d))]
     if bad:
         raise ValueError(f"lora: target_modules must be nn.Linear or nn.Conv2d modules; {bad[:4]} are not")
@@ -188,11 +192,8 @@ class LoRA(TuningMethod):
     def attach(self, backbone: nn.Module) -> None:
         cfg: LoRAConfig = self.config
         LoraConfig, inject_adapter_in_model = _import_peft()
-        targets = lora_target_modules(backbone, cfg)
         stage_names = {s.module for s in self.stages}
-        clash = sorted(stage_names & set(targets))
-        if clash:
-            raise ValueError(f"lora: stage modules {clash} cannot be LoRA targets (they end the stages)")
+        targets = lora_target_modules(backbone, cfg, sorted(stage_names))
         hooked = {n: backbone.get_submodule(n) for n in stage_names}
         peft_cfg = LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets),
