@@ -433,8 +433,15 @@ class StagedBackbone:
             self._disable_grad_checkpointing()
         grad_mode = torch.is_grad_enabled()
         run = _Run(on_boundary, int(images.shape[-2]), int(images.shape[-1]), {}, stop_early=stop_early)
-        # a frozen backbone needs no autograd before the first boundary whose output may change
-        if self.frozen and grad_mode and on_boundary is not None and not images.requires_grad:
+        # a frozen backbone needs no autograd before the first boundary whose output may
+        # change, unless a method trains parameters inside it (biases, LoRA, ...)
+        if (
+            self.frozen
+            and grad_mode
+            and on_boundary is not None
+            and not images.requires_grad
+            and not any(p.requires_grad for p in self.model.parameters())
+        ):
             run.grad_from_first = True
             torch.set_grad_enabled(False)
         self._run = run

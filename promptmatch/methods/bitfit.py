@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, List
-
-import torch
 from torch import nn
 
 from .base import MethodConfig, TuningMethod, register_method
 
-__all__ = ["BitFitConfig", "BitFit", "is_bias_parameter", "enable_grad_before_first_stage"]
+__all__ = ["BitFitConfig", "BitFit", "is_bias_parameter"]
 
 
 def is_bias_parameter(name: str) -> bool:
@@ -17,27 +14,6 @@ def is_bias_parameter(name: str) -> bool:
     and separate attention biases such as BEiT/EVA's ``q_bias``/``v_bias``."""
     last = name.rsplit(".", 1)[-1]
     return last == "bias" or last.endswith("_bias")
-
-
-def enable_grad_before_first_stage(backbone: nn.Module, modules: Iterable[nn.Module]) -> List:
-    """Make the stages before the first boundary run with autograd when they hold trainable
-    parameters of a backbone that is otherwise frozen.
-
-    :class:`~promptmatch.staging.StagedBackbone` runs a frozen backbone without autograd up
-    to its first boundary (nothing there trains for prompt methods). Methods that train
-    parameters *inside* the backbone (biases, LoRA) need gradients there too: a forward
-    pre-hook on each module owning such parameters turns autograd back on, exactly as the
-    first boundary hook would, and only within a staged pass that switched it off.
-    Returns the hook handles.
-    """
-
-    def pre_hook(module, args):
-        staged = getattr(backbone, "_promptmatch_staged", None)
-        run = getattr(staged, "_run", None) if staged is not None else None
-        if run is not None and getattr(run, "grad_from_first", False) and not torch.is_grad_enabled():
-            torch.set_grad_enabled(True)
-
-    return [m.register_forward_pre_hook(pre_hook) for m in modules]
 
 
 @dataclass
@@ -74,15 +50,13 @@ class BitFit(TuningMethod):
     config_class = BitFitConfig
 
     def attach(self, backbone: nn.Module) -> None:
-        owners = []
+        found = False
         for mod in backbone.modules():
             if not self.config.norm_biases and isinstance(mod, _NORMS):
                 continue
-            own = [p for n, p in mod.named_parameters(recurse=False) if is_bias_parameter(n)]
-            for p in own:
-                p.requires_grad_(True)
-            if own:
-                owners.append(mod)
-        if not owners:
+            for n, p in mod.named_parameters(recurse=False):
+                if is_bias_parameter(n):
+                    p.requires_grad_(True)
+                    found = True
+        if not found:
             raise ValueError(f"bitfit found no bias parameters in {type(backbone).__name__}")
-        enable_grad_before_first_stage(backbone, owners)

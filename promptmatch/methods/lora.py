@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MethodConfig, MethodNotApplicableError, TuningMethod, register_method
-from .bitfit import enable_grad_before_first_stage
 
 __all__ = ["LoRAConfig", "LoRA", "lora_target_modules"]
 
@@ -208,14 +207,10 @@ class LoRA(TuningMethod):
         moved = [n for n, m in hooked.items() if backbone.get_submodule(n) is not m]
         if moved:  # pragma: no cover - guarded by the clash check above
             raise RuntimeError(f"lora injection replaced the stage modules {moved}: their boundary hooks are lost")
-        owners = []
         for name, p in backbone.named_parameters():
             p.requires_grad_("lora_A" in name or "lora_B" in name)
         for mod in backbone.modules():
-            if any(p.requires_grad for p in mod.parameters(recurse=False)):
-                owners.append(mod)
             drop = getattr(mod, "lora_dropout", None)
             if isinstance(drop, nn.ModuleDict) and self.ADAPTER in drop and isinstance(drop[self.ADAPTER], nn.Dropout):
                 drop[self.ADAPTER] = _MethodDropout(cfg.dropout, self)
         self.target_names = tuple(targets)
-        enable_grad_before_first_stage(backbone, owners)
