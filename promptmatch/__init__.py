@@ -15,6 +15,12 @@ from .checkpoint import (
 )
 from .decoders import LinearDecoder, MultiLevelDecoder, list_decoders
 from .methods import (
+    AdaptFormerConfig,
+    BitFitConfig,
+    FullFineTuneConfig,
+    LinearProbeConfig,
+    LoRAConfig,
+    VPTConfig,
     MethodConfig,
     MethodNotApplicableError,
     SemanticPromptMatcher,
@@ -44,6 +50,12 @@ __all__ = [
     "parameter_report",
     "ParameterReport",
     "SPMConfig",
+    "LinearProbeConfig",
+    "FullFineTuneConfig",
+    "BitFitConfig",
+    "VPTConfig",
+    "LoRAConfig",
+    "AdaptFormerConfig",
     "SemanticPromptMatcher",
     "MethodConfig",
     "MethodNotApplicableError",

@@ -103,7 +103,11 @@ class PromptSegmentor(nn.Module):
         """Boundary features after the method acted on them, and the method's per-pass state."""
         state = self.method.init_state()
         method = self.method
-        feats = self.staged.forward(images, on_boundary=lambda i, f: method.boundary(i, f, state))
+        feats = self.staged.forward(
+            images,
+            on_boundary=lambda i, f: method.boundary(i, f, state),
+            autograd_from_start=method.trains_inside_backbone,
+        )
         return feats, state
 
     def _decode(self, feats: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:

@@ -417,6 +417,7 @@ class StagedBackbone:
         images: torch.Tensor,
         on_boundary: Optional[BoundaryFn] = None,
         stop_early: bool = False,
+        autograd_from_start: bool = False,
     ) -> Iterator[Dict[int, torch.Tensor]]:
         """Make the boundary hooks active while the caller runs the model on ``images``.
 
@@ -424,7 +425,9 @@ class StagedBackbone:
         ``on_boundary(index, features)`` may return replacement features of the same shape;
         they are fed to the next stage. With ``stop_early`` the pass ends at the last
         boundary (callers must then run the model inside :meth:`forward`). Stages before the
-        first boundary run without autograd when the backbone is frozen.
+        first boundary run without autograd when the backbone is frozen, unless
+        ``autograd_from_start`` (a method trains parameters inside those stages) or some
+        backbone parameter requires grad.
         """
         if self._run is not None:
             raise RuntimeError("a StagedBackbone session is already running (sessions do not nest)")
@@ -440,6 +443,7 @@ class StagedBackbone:
             and grad_mode
             and on_boundary is not None
             and not images.requires_grad
+            and not autograd_from_start
             and not any(p.requires_grad for p in self.model.parameters())
         ):
             run.grad_from_first = True
@@ -464,6 +468,7 @@ class StagedBackbone:
         images: torch.Tensor,
         on_boundary: Optional[BoundaryFn] = None,
         check: bool = True,
+        autograd_from_start: bool = False,
     ) -> List[torch.Tensor]:
         """Run the backbone up to its last stage and return every boundary's NCHW features.
 
@@ -473,7 +478,7 @@ class StagedBackbone:
         if check:
             self.check_input(images)
         fwd = getattr(self.model, "forward_features", None)
-        with self.session(images, on_boundary, stop_early=True) as feats:
+        with self.session(images, on_boundary, stop_early=True, autograd_from_start=autograd_from_start) as feats:
             try:
                 (fwd if callable(fwd) else self.model)(images)
             except _StopForward:

@@ -29,7 +29,6 @@ from torch import nn
 
 from ..staging import Stage
 from .base import MethodConfig, MethodNotApplicableError, TuningMethod, register_method
-from .vpt import resume_grad
 
 __all__ = ["AdaptFormerConfig", "AdaptFormer", "ParallelAdapter"]
 
@@ -102,6 +101,7 @@ class AdaptFormer(TuningMethod):
     """Parallel adapters beside the MLP of every transformer block of a frozen backbone."""
 
     name = "adaptformer"
+    trains_inside_backbone = True
     config_class = AdaptFormerConfig
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: AdaptFormerConfig) -> None:
@@ -130,7 +130,6 @@ class AdaptFormer(TuningMethod):
                 self.adapters.to(ref.device)
         self.adapted_modules = tuple(n for n, _, _, _ in mlps)
         for i, (_, mlp, _, _) in enumerate(mlps):
-            self._handles.append(mlp.register_forward_pre_hook(self._pre_hook))
             self._handles.append(mlp.register_forward_hook(self._make_hook(i)))
 
     def detach(self) -> None:
@@ -139,10 +138,6 @@ class AdaptFormer(TuningMethod):
             h.remove()
         self._handles = []
         object.__setattr__(self, "_backbone_ref", None)
-
-    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        resume_grad(self._backbone_ref)  # adapters in stages before the first boundary train too
-        return None
 
     def _make_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,9 @@ class TuningMethod(nn.Module):
     freezes_backbone: bool = True
     #: learning-rate multiplier of trainable backbone parameters (see ``param_groups``)
     backbone_lr_mult: float = 1.0
+    #: True for methods whose trainable parameters act inside the backbone's stages (token
+    #: prompts, adapters): autograd then runs from the first layer, not the first boundary
+    trains_inside_backbone: bool = False
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: MethodConfig) -> None:
         super().__init__()

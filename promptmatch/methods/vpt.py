@@ -42,19 +42,6 @@ __all__ = ["VPTConfig", "VisualPromptTuning"]
 _INITS = ("xavier_uniform", "normal")
 
 
-def resume_grad(backbone: nn.Module) -> None:
-    """Turn autograd back on inside a frozen backbone's forward pass when it was on outside.
-
-    A staged, frozen backbone runs the stages before its first boundary without autograd
-    (nothing there trains for boundary methods). Methods that train parameters inside those
-    stages (prompts, adapters) call this from their hooks so their parameters get gradients.
-    """
-    staged = getattr(backbone, "_promptmatch_staged", None)
-    run = getattr(staged, "_run", None) if staged is not None else None
-    if run is not None and getattr(run, "grad_from_first", False) and not torch.is_grad_enabled():
-        torch.set_grad_enabled(True)
-
-
 def token_blocks(backbone: nn.Module, method: str) -> List[nn.Module]:
     """The transformer blocks of a ViT-like token model, or a MethodNotApplicableError."""
     blocks = getattr(backbone, "blocks", None)
@@ -114,6 +101,7 @@ class VisualPromptTuning(TuningMethod):
     """
 
     name = "vpt"
+    trains_inside_backbone = True
     config_class = VPTConfig
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: VPTConfig) -> None:
@@ -168,7 +156,6 @@ class VisualPromptTuning(TuningMethod):
     # ------------------------------------------------------------------- hooks
     def _make_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
-            resume_grad(self._backbone_ref)
             in_args = bool(args)
             x = args[0] if in_args else kwargs["x"]
             t = self.config.num_tokens

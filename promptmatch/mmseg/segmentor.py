@@ -141,7 +141,11 @@ class PromptEncoderDecoder(EncoderDecoder):
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
         state = self.method.init_state()
         method = self.method
-        with self.staged.session(inputs, on_boundary=lambda i, f: method.boundary(i, f, state)):
+        with self.staged.session(
+            inputs,
+            on_boundary=lambda i, f: method.boundary(i, f, state),
+            autograd_from_start=method.trains_inside_backbone,
+        ):
             x = self.backbone(inputs)
         return x, state
 
