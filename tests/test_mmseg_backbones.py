@@ -145,3 +145,30 @@ def test_registered_names_do_not_collide_with_mmseg():
     assert PM_MODELS.scope == DATASETS.scope == HOOKS.scope == "promptmatch"
     assert not set(PM_MODELS.module_dict) & set(MMSEG_MODELS.module_dict)
     assert not set(DATASETS.module_dict) & set(MMSEG_DATASETS.module_dict)
+
+
+@pytest.mark.parametrize("method", ["linear", "full", "bitfit", "lora", "vpt", "adaptformer", "spm"])
+def test_every_method_through_the_mmseg_model(method):
+    pytest.importorskip("peft") if method == "lora" else None
+    backbone = dict(type="promptmatch.TimmBackbone", model_name="test_vit", out_indices=(0, 1, 2, 3))
+    model = build("promptmatch.PromptEncoderDecoder", backbone, head("uper", [64] * 4), method=method)
+    images, samples = batch()
+    model.train()
+    assert model.backbone.training == (method == "full")
+    sum(v for k, v in model.loss(images, samples).items() if "loss" in k).backward()
+    trainable_backbone = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    if method in ("linear", "spm", "vpt", "adaptformer"):
+        assert not trainable_backbone
+    else:
+        # everything trainable up to the last stage gets a gradient (the final norm is never run)
+        in_blocks = [n for n in trainable_backbone if n.startswith("model.blocks.")]
+        assert in_blocks and all(model.backbone.get_parameter(n).grad is not None for n in in_blocks)
+    model.eval()
+    with torch.no_grad():
+        assert model.predict(images, samples)[0].pred_sem_seg.data.shape == (1, SIDE, SIDE)
+
+
+def test_lora_on_mmseg_backbone_is_refused():
+    backbone, chans = BACKBONES["ResNetV1c"]
+    with pytest.raises(ValueError, match="renames the backbone's state_dict keys.*TimmBackbone"):
+        build("promptmatch.PromptEncoderDecoder", backbone, head("fcn", chans), method="lora")

@@ -53,6 +53,8 @@ class TuningMethod(nn.Module):
     #: True for methods whose trainable parameters act inside the backbone's stages (token
     #: prompts, adapters): autograd then runs from the first layer, not the first boundary
     trains_inside_backbone: bool = False
+    #: True for methods that change the backbone's state_dict keys when attached (peft LoRA)
+    renames_backbone_keys: bool = False
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: MethodConfig) -> None:
         super().__init__()

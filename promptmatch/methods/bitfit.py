@@ -47,6 +47,7 @@ class BitFit(TuningMethod):
     """Bias-only tuning of a frozen backbone; nothing sits between the stages."""
 
     name = "bitfit"
+    trains_inside_backbone = True
     config_class = BitFitConfig
 
     def attach(self, backbone: nn.Module) -> None:

@@ -185,6 +185,8 @@ class LoRA(TuningMethod):
     """
 
     name = "lora"
+    renames_backbone_keys = True
+    trains_inside_backbone = True
     config_class = LoRAConfig
     ADAPTER = "default"
 

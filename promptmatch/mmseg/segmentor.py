@@ -11,6 +11,7 @@ interim-map losses join the decode and auxiliary losses.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -94,8 +95,17 @@ class PromptEncoderDecoder(EncoderDecoder):
         class_names: Optional[Sequence[str]] = None,
         **kwargs: Any,
     ) -> None:
-        get_method(method)  # fail on a bad name before building anything
+        method_cls = get_method(method)  # fail on a bad name before building anything
         super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
+        from .timm_backbone import TimmBackbone
+
+        is_timm = isinstance(self.backbone, TimmBackbone)
+        if method_cls.renames_backbone_keys and not is_timm:
+            raise ValueError(
+                f"method {method!r} renames the backbone's state_dict keys, so the pretrained weights that "
+                f"mmseg loads later through init_cfg would miss them; use backbone type "
+                "'promptmatch.TimmBackbone' (its weights load when it is built) or the Python API"
+            )
         if stage_modules is None:
             names, probe = default_stage_modules(self.backbone, num_stages)
         else:
@@ -105,6 +115,7 @@ class PromptEncoderDecoder(EncoderDecoder):
             stage_modules=names,
             num_stages=num_stages if names is None else None,
             probe_size=probe,
+            freeze=method_cls.freezes_backbone,
         )
         if num_stages is not None and len(staged.stages) != num_stages:
             raise ValueError(
@@ -112,10 +123,15 @@ class PromptEncoderDecoder(EncoderDecoder):
                 f"{len(staged.stages)} stages; set num_stages on the backbone "
                 "(promptmatch.TimmBackbone(num_stages=...)) instead"
             )
-        staged.freeze()
+        if method_cls.freezes_backbone:
+            staged.freeze()
         object.__setattr__(self, "staged", staged)
         self.method_name = method
-        self.method = build_method(method, staged.stages, self.num_classes, dict(method_cfg or {}))
+        stages = staged.stages
+        if is_timm:  # the method acts on the timm model itself: stage names relative to it
+            stages = tuple(dataclasses.replace(st, module=st.module[len("model."):]) for st in stages)
+        self.method = build_method(method, stages, self.num_classes, dict(method_cfg or {}))
+        self.method.attach(self.backbone.model if is_timm else self.backbone)
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = int(getattr(self.decode_head, "ignore_index", 255))
         rep = parameter_report(self)
@@ -135,7 +151,7 @@ class PromptEncoderDecoder(EncoderDecoder):
 
     def init_weights(self) -> None:
         super().init_weights()
-        self.staged.freeze()  # whatever an init_cfg did, the backbone stays frozen
+        self.staged.keep_frozen()  # whatever an init_cfg did, a frozen backbone stays in eval
 
     # -------------------------------------------------------------- forward
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
