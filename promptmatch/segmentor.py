@@ -11,7 +11,7 @@ from torch import nn
 from .backbones import create_backbone
 from .checkpoint import backbone_architecture, describe_model, trainable_state_dict
 from .decoders import DECODERS, build_decoder, list_decoders
-from .methods import MethodConfig, build_method, get_method
+from .methods import MethodConfig, build_method, get_method, interim_losses
 from .staging import StagedBackbone, stage_backbone
 
 __all__ = ["PromptSegmentor", "create_segmentor"]
@@ -152,16 +152,7 @@ class PromptSegmentor(nn.Module):
         feats, state = self.forward_features(images)
         logits = self._decode(feats, images.shape[-2:])
         losses = {"loss_decode": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
-        weights = self.method.interim_weights()
-        for idx, interim in sorted(state.get("interim", {}).items()):
-            w = weights.get(idx, 0.0)
-            if w == 0:
-                continue
-            small = F.interpolate(labels[:, None].float(), size=interim.shape[-2:], mode="nearest")[:, 0].long()
-            ce = F.cross_entropy(interim, small, ignore_index=self.ignore_index)
-            if not (small != self.ignore_index).any():
-                ce = interim.sum() * 0.0  # all pixels ignored at this grid: no signal, no NaN
-            losses[f"loss_interim_{idx}"] = w * ce
+        losses.update(interim_losses(self.method, state, labels, self.ignore_index))
         return losses
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from .base import (
     TuningMethod,
     build_method,
     get_method,
+    interim_losses,
     list_methods,
     register_method,
 )
@@ -23,7 +24,7 @@ from .spm import ConvGRUCell, SemanticPromptMatcher, SPMConfig
 from .vpt import VisualPromptTuning, VPTConfig
 
 __all__ = [
-    "MethodConfig", "MethodNotApplicableError", "TuningMethod", "build_method", "get_method", "list_methods",
+    "MethodConfig", "MethodNotApplicableError", "TuningMethod", "build_method", "get_method", "interim_losses", "list_methods",
     "register_method",
     "SPMConfig", "SemanticPromptMatcher", "ConvGRUCell",
     "LinearProbe", "LinearProbeConfig", "FullFineTune", "FullFineTuneConfig", "BitFit", "BitFitConfig",

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..staging import Stage
 
-__all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "register_method", "get_method", "list_methods", "build_method"]
+__all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "interim_losses", "register_method", "get_method", "list_methods", "build_method"]
 
 
 class MethodNotApplicableError(ValueError):
@@ -75,6 +75,32 @@ class TuningMethod(nn.Module):
     def interim_weights(self) -> Dict[int, float]:
         """Loss weight of each interim semantic map this method produces, by boundary index."""
         return {}
+
+
+def interim_losses(
+    method: TuningMethod,
+    state: Mapping[str, Any],
+    labels: torch.Tensor,
+    ignore_index: int,
+    prefix: str = "",
+) -> Dict[str, torch.Tensor]:
+    """Weighted cross-entropy of each interim semantic map in ``state`` against ``labels``
+    (N, H, W) resized to the map's grid by nearest neighbour, as ``<prefix>loss_interim_<k>``."""
+    import torch.nn.functional as F
+
+    weights = method.interim_weights()
+    losses: Dict[str, torch.Tensor] = {}
+    for idx, logits in sorted(state.get("interim", {}).items()):
+        w = weights.get(idx, 0.0)
+        if w == 0:
+            continue
+        small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        if (small != ignore_index).any():
+            ce = F.cross_entropy(logits, small, ignore_index=ignore_index)
+        else:
+            ce = logits.sum() * 0.0  # all pixels ignored at this grid: no signal, no NaN
+        losses[f"{prefix}loss_interim_{idx}"] = w * ce
+    return losses
 
 
 _REGISTRY: Dict[str, Type[TuningMethod]] = {}

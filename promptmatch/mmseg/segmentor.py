@@ -16,13 +16,12 @@ import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmseg.models.segmentors import EncoderDecoder
 from torch import Tensor, nn
 
 from ..checkpoint import backbone_architecture, describe_model, trainable_state_dict
-from ..methods import build_method, get_method
+from ..methods import build_method, get_method, interim_losses
 from ..report import parameter_report
 from ..registry import MODELS
 from ..staging import stage_backbone
@@ -179,21 +178,9 @@ class PromptEncoderDecoder(EncoderDecoder):
         losses.update(self._decode_head_forward_train(x, data_samples))
         if self.with_auxiliary_head:
             losses.update(self._auxiliary_head_forward_train(x, data_samples))
-        weights = self.method.interim_weights()
-        interim = state.get("interim", {})
-        if interim and weights:
-            labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).to(inputs.device)
-            labels = labels.squeeze(1).long()
-            for idx, logits in sorted(interim.items()):
-                w = weights.get(idx, 0.0)
-                if w == 0:
-                    continue
-                small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-                if (small != self.ignore_index).any():
-                    ce = F.cross_entropy(logits, small, ignore_index=self.ignore_index)
-                else:
-                    ce = logits.sum() * 0.0
-                losses[f"prompt.loss_interim_{idx}"] = w * ce
+        if state.get("interim"):
+            labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).to(inputs.device).squeeze(1).long()
+            losses.update(interim_losses(self.method, state, labels, self.ignore_index, prefix="prompt."))
         return losses
 
     # ------------------------------------------------------------- identity
