@@ -857,6 +857,42 @@ def _plots(rows: List[Dict[str, Any]], out: Path) -> List[Path]:
     return paths
 
 
+def _relative_section(rows: List[Dict[str, Any]], frozen: str = "linear", full: str = "full") -> List[str]:
+    """Markdown: every method against the frozen backbone (``linear``) and full fine-tuning
+    with the same dataset, backbone and setting: mIoU difference and cost ratios."""
+    ok = {(r["dataset"], r["backbone"], r["setting"], r["method"]): r for r in rows if r["status"] == "ok"}
+    groups = sorted({k[:3] for k in ok})
+    if not any((g + (frozen,)) in ok or (g + (full,)) in ok for g in groups):
+        return []
+    out = ["## Relative to the frozen backbone and to full fine-tuning", "",
+           f"Same dataset, backbone and setting; `{frozen}` is the frozen backbone with the setting's decoder. "
+           "mIoU differences in points on the first split; ratios of means.", "",
+           f"| dataset | backbone | setting | method | mIoU - {frozen} | mIoU - {full} | step time / {full} | "
+           f"peak memory / {full} | latency / {frozen} |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def diff(a: Dict[str, Any], b: Optional[Dict[str, Any]]) -> str:
+        if b is None:
+            return "–"
+        split = next(iter(a["miou"]))
+        if split not in b["miou"]:
+            return "–"
+        return f"{100 * (a['miou'][split][0] - b['miou'][split][0]):+.1f}"
+
+    def ratio(a: Dict[str, Any], b: Optional[Dict[str, Any]], key: str) -> str:
+        if b is None or not b[key][0] or math.isnan(b[key][0]) or math.isnan(a[key][0]):
+            return "–"
+        return f"{a[key][0] / b[key][0]:.2f}"
+
+    for g in groups:
+        fz, ft = ok.get(g + (frozen,)), ok.get(g + (full,))
+        for m in sorted(k[3] for k in ok if k[:3] == g):
+            r = ok[g + (m,)]
+            out.append(f"| {g[0]} | {g[1]} | {g[2]} | {m} | {diff(r, fz)} | {diff(r, ft)} | "
+                       f"{ratio(r, ft, 'step_time_median_s')} | {ratio(r, ft, 'peak_mem_mb')} | "
+                       f"{ratio(r, fz, 'latency_ms_median')} |")
+    return out + [""]
+
+
 def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
     """Write ``<out>/report.md`` (and PNG plots) from ``<out>/results.jsonl`` alone."""
     out = Path(out)
@@ -900,6 +936,7 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
                          f"{_fmt(r['latency_ms_median'], 1, 1)} |")
         lines.append("")
 
+    lines += _relative_section(rows)
     ranks = _rankings(rows)
     if ranks:
         lines += ["## Rankings of methods", "",

