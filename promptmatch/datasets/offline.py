@@ -38,8 +38,6 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -52,6 +50,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import PIL
 from PIL import Image, ImageFilter
+
+from .. import _wheels
+from .._wheels import CACHE_ENV, WHEELS_ENV, cache_base  # noqa: F401  (CACHE_ENV: module attribute callers use)
 
 __all__ = [
     "BUILD_VERSION",
@@ -99,8 +100,6 @@ STARDIST_REQUIREMENT = f"stardist=={STARDIST_VERSION}"
 _STARDIST_WHEEL_GLOB = f"stardist-{STARDIST_VERSION}-*.whl"
 
 DATA_ENV = "PROMPTMATCH_DATA"
-WHEELS_ENV = "PROMPTMATCH_WHEELS"
-CACHE_ENV = "PROMPTMATCH_CACHE"
 
 #: Pixels left unused between the train area and the validation area of every source, so
 #: that resampling filters reading a little outside a crop box cannot mix the two.
@@ -335,40 +334,20 @@ def dataset_palette(name: str) -> List[List[int]]:
     return [list(c) for c in _get_spec(name).palette]
 
 
-def _cache_base() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "promptmatch"
-
-
 def default_data_root() -> Path:
     """Where datasets are built when no root is given: ``$PROMPTMATCH_DATA``, else
     ``$PROMPTMATCH_CACHE/datasets``, else ``~/.cache/promptmatch/datasets``."""
     env = os.environ.get(DATA_ENV)
-    return Path(env).expanduser() if env else _cache_base() / "datasets"
+    return Path(env).expanduser() if env else cache_base() / "datasets"
 
 
 def default_wheel_dir() -> Path:
     """The default directory searched for the stardist wheel (after ``$PROMPTMATCH_WHEELS``):
     ``$PROMPTMATCH_CACHE/wheels``, else ``~/.cache/promptmatch/wheels``."""
-    return _cache_base() / "wheels"
+    return _wheels.default_wheel_dir()
 
 
 # ------------------------------------------------------------------------------ stardist wheel
-def _wheel_search_paths() -> List[Path]:
-    paths: List[Path] = []
-    env = os.environ.get(WHEELS_ENV)
-    if env:
-        paths += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    paths.append(default_wheel_dir())
-    return paths
-
-
-def _wheels_in(path: Path) -> List[Path]:
-    if path.is_file():
-        return [path] if path.match(_STARDIST_WHEEL_GLOB) else []
-    if path.is_dir():
-        return sorted(path.glob(_STARDIST_WHEEL_GLOB))
-    return []
 
 
 def _download_command(dest: PathLike) -> str:
@@ -386,11 +365,10 @@ def find_stardist_wheel() -> Path:
         SourceNotFoundError: no wheel was found; the message gives the command that
             downloads it.
     """
-    searched = _wheel_search_paths()
-    for path in searched:
-        found = _wheels_in(path)
-        if found:
-            return found[0]
+    found = _wheels.find_wheel(_STARDIST_WHEEL_GLOB)
+    if found is not None:
+        return found
+    searched = _wheels.wheel_search_paths()
     dest = searched[0] if searched[0].suffix != ".whl" else searched[0].parent
     raise SourceNotFoundError(
         f"the 'nuclei' dataset reads its image out of the {STARDIST_REQUIREMENT} wheel "
@@ -420,18 +398,10 @@ def fetch_stardist_wheel(dest: Optional[PathLike] = None) -> Path:
         SourceChecksumError: the wheel's data files differ from the pinned ones.
     """
     dest = Path(dest).expanduser() if dest is not None else default_wheel_dir()
-    found = _wheels_in(dest)
+    found = _wheels.wheels_in(dest, _STARDIST_WHEEL_GLOB)
     if not found:
-        dest.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-               "--no-deps", STARDIST_REQUIREMENT, "-d", str(dest)]
-        _logger.info("downloading %s into %s", STARDIST_REQUIREMENT, dest)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise OfflineDataError(
-                f"{' '.join(shlex.quote(c) for c in cmd)} failed (exit {res.returncode}):\n"
-                f"{(res.stderr or res.stdout)[-3000:]}")
-        found = _wheels_in(dest)
+        _wheels.pip_download(STARDIST_REQUIREMENT, dest, OfflineDataError)
+        found = _wheels.wheels_in(dest, _STARDIST_WHEEL_GLOB)
         if not found:
             raise OfflineDataError(
                 f"pip download put no {_STARDIST_WHEEL_GLOB} into {dest} (only an sdist for this "
