@@ -42,22 +42,11 @@ class AdaptFormerConfig(MethodConfig):
     dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter bottleneck (paper code: 0.1)"})
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.bottleneck_dim, int)
-            or isinstance(self.bottleneck_dim, bool)
-            or self.bottleneck_dim <= 0
-        ):
-            raise ValueError(f"AdaptFormerConfig.bottleneck_dim must be a positive int, got {self.bottleneck_dim!r}")
+        self._check_positive_int("bottleneck_dim")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
             raise ValueError(f"AdaptFormerConfig.scale must be a finite number, got {self.scale!r}")
         self.scale = float(self.scale)
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0.0 <= float(self.dropout) < 1.0
-        ):
-            raise ValueError(f"AdaptFormerConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
+        self._check_dropout("dropout")
 
 
 class ParallelAdapter(nn.Module):

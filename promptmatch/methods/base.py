@@ -25,6 +25,25 @@ class MethodConfig:
         out = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
+    def _fail(self, name: str, what: str) -> None:
+        raise ValueError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}")
+
+    def _check_positive_int(self, name: str) -> None:
+        v = getattr(self, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            self._fail(name, "a positive int")
+
+    def _check_bool(self, name: str) -> None:
+        if not isinstance(getattr(self, name), bool):
+            self._fail(name, "a bool")
+
+    def _check_dropout(self, name: str) -> None:
+        """A probability in [0, 1), stored as a float."""
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+            self._fail(name, "a float in [0, 1)")
+        setattr(self, name, float(v))
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
         names = {f.name for f in dataclasses.fields(cls)}

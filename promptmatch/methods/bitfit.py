@@ -35,8 +35,7 @@ class BitFitConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.norm_biases, bool):
-            raise ValueError(f"BitFitConfig.norm_biases must be a bool, got {self.norm_biases!r}")
+        self._check_bool("norm_biases")
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)

@@ -82,8 +82,7 @@ class LoRAConfig(MethodConfig):
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
-        if not isinstance(self.mlp, bool):
-            raise ValueError(f"LoRAConfig.mlp must be a bool, got {self.mlp!r}")
+        self._check_bool("mlp")
         t = self.target_modules
         if t is None:
             return

@@ -71,8 +71,7 @@ class SPMConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.hidden_dim, int) or isinstance(self.hidden_dim, bool) or self.hidden_dim <= 0:
-            raise ValueError(f"SPMConfig.hidden_dim must be a positive int, got {self.hidden_dim!r}")
+        self._check_positive_int("hidden_dim")
         if self.boundaries is not None:
             b = tuple(self.boundaries)
             if not b or not all(isinstance(i, int) and not isinstance(i, bool) for i in b):
@@ -93,8 +92,7 @@ class SPMConfig(MethodConfig):
         if self.zero_init not in ("gamma", "out_proj"):
             raise ValueError(f"SPMConfig.zero_init must be 'gamma' or 'out_proj', got {self.zero_init!r}")
         for name in ("recurrent", "semantic_guidance"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SPMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+            self._check_bool(name)
 
 
 def _channel_layer_norm(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -76,17 +76,9 @@ class VPTConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens <= 0:
-            raise ValueError(f"VPTConfig.num_tokens must be a positive int, got {self.num_tokens!r}")
-        if not isinstance(self.deep, bool):
-            raise ValueError(f"VPTConfig.deep must be a bool, got {self.deep!r}")
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0.0 <= float(self.dropout) < 1.0
-        ):
-            raise ValueError(f"VPTConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
+        self._check_positive_int("num_tokens")
+        self._check_bool("deep")
+        self._check_dropout("dropout")
         if self.init not in _INITS:
             raise ValueError(f"VPTConfig.init must be one of {list(_INITS)}, got {self.init!r}")
 
