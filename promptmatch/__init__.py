@@ -13,6 +13,7 @@ from .checkpoint import (
     read_prompt_metadata,
     save_prompts,
 )
+from .divergence import DivergenceError, DivergenceGuard, NonFiniteError
 from .decoders import LinearDecoder, MultiLevelDecoder, list_decoders
 from .methods import (
     AdaptFormerConfig,
@@ -47,6 +48,9 @@ __all__ = [
     "read_prompt_metadata",
     "backbone_fingerprint",
     "PromptMismatchError",
+    "DivergenceError",
+    "DivergenceGuard",
+    "NonFiniteError",
     "WeightsNotFoundError",
     "parameter_report",
     "ParameterReport",

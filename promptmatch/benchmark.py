@@ -41,6 +41,8 @@ __all__ = [
     "Cell",
     "SpecError",
     "ResultStore",
+    "OutputLock",
+    "BenchmarkLockedError",
     "SETTING_DEFAULTS",
     "EFFICIENTNET_LITE0_WEIGHTS",
     "profile_path",
@@ -78,7 +80,7 @@ SETTING_DEFAULTS: Dict[str, Any] = {
 }
 _INT_SETTINGS = ("steps", "batch", "warmup", "eval_batch", "latency_images")
 _TOP_KEYS = {"name", "description", "methods", "backbones", "datasets", "settings", "seeds",
-             "threads", "device", "cell_timeout_s", "requires", "notes"}
+             "threads", "device", "cell_timeout_s", "max_bad_steps", "requires", "notes"}
 _DATASET_SOURCES = ("offline", "mmseg")
 
 
@@ -109,6 +111,7 @@ class BenchmarkSpec:
     threads: int = 0
     device: str = "cpu"
     cell_timeout_s: Optional[float] = None
+    max_bad_steps: int = 0
     description: str = ""
     raw: Dict[str, Any] = field(default_factory=dict)
 
@@ -130,6 +133,7 @@ class Cell:
     device: str = "cpu"
     method_name: Optional[str] = None
     method_cfg: Dict[str, Any] = field(default_factory=dict)
+    max_bad_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.method_name is None:
@@ -139,29 +143,34 @@ class Cell:
     def key(self) -> str:
         """Identity of the cell in ``results.jsonl`` (method, backbone, dataset, settings, seed)."""
         return cell_key(self.method, self.backbone, self.dataset["name"], self.settings, self.seed,
-                        self.method_name, self.method_cfg)
+                        self.method_name, self.method_cfg, self.max_bad_steps)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"method": self.method, "method_name": self.method_name, "method_cfg": self.method_cfg,
                 "backbone": self.backbone, "dataset": self.dataset, "settings": self.settings,
-                "seed": self.seed, "threads": self.threads, "device": self.device}
+                "seed": self.seed, "threads": self.threads, "device": self.device,
+                "max_bad_steps": self.max_bad_steps}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Cell":
         return cls(method=d["method"], backbone=dict(d["backbone"]), dataset=dict(d["dataset"]),
                    settings=dict(d["settings"]), seed=int(d["seed"]), threads=int(d.get("threads", 0)),
                    device=d.get("device", "cpu"), method_name=d.get("method_name"),
-                   method_cfg=dict(d.get("method_cfg") or {}))
+                   method_cfg=dict(d.get("method_cfg") or {}), max_bad_steps=int(d.get("max_bad_steps", 0)))
 
 
 def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: Mapping[str, Any],
-             seed: int, method_name: Optional[str] = None, method_cfg: Optional[Mapping[str, Any]] = None) -> str:
-    """Canonical JSON string naming a cell (a plain method's key has no variant fields)."""
+             seed: int, method_name: Optional[str] = None, method_cfg: Optional[Mapping[str, Any]] = None,
+             max_bad_steps: int = 0) -> str:
+    """Canonical JSON string naming a cell (a plain method's key has no variant fields, and
+    ``max_bad_steps`` appears only when non-zero, so older keys stay valid)."""
     bb = {"name": backbone["name"], "weights": backbone.get("weights"), "kwargs": backbone.get("kwargs") or {}}
     key: Dict[str, Any] = {"method": method, "backbone": bb, "dataset": dataset, "settings": dict(settings),
                            "seed": int(seed)}
     if (method_name is not None and method_name != method) or method_cfg:
         key["variant"] = {"name": method_name or method, "cfg": dict(method_cfg or {})}
+    if max_bad_steps:
+        key["max_bad_steps"] = int(max_bad_steps)
     return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
@@ -382,17 +391,21 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
     threads = raw.get("threads", 0)
     if not isinstance(threads, int) or threads < 0:
         raise SpecError(f"{where}: 'threads' must be an integer >= 0 (0: torch's default), got {threads!r}")
+    max_bad = raw.get("max_bad_steps", 0)
+    if not isinstance(max_bad, int) or isinstance(max_bad, bool) or max_bad < 0:
+        raise SpecError(f"{where}: 'max_bad_steps' must be an integer >= 0 (0: a cell stops at its first "
+                        f"non-finite step and is recorded as diverged), got {max_bad!r}")
     return BenchmarkSpec(name=str(raw.get("name", "benchmark")), methods=methods, method_specs=method_specs,
                          backbones=backbones,
                          datasets=datasets, settings=settings, seeds=[int(s) for s in seeds], threads=threads,
-                         device=device, cell_timeout_s=raw.get("cell_timeout_s"),
+                         device=device, cell_timeout_s=raw.get("cell_timeout_s"), max_bad_steps=max_bad,
                          description=str(raw.get("description", "")), raw=copy.deepcopy(dict(raw)))
 
 
 def expand_grid(spec: BenchmarkSpec) -> List[Cell]:
     """All cells of the grid, in a stable order (dataset, backbone, setting, seed, method)."""
     return [Cell(m, b, d, s, seed, spec.threads, spec.device, method_name=spec.method_specs[m]["name"],
-                 method_cfg=dict(spec.method_specs[m]["cfg"]))
+                 method_cfg=dict(spec.method_specs[m]["cfg"]), max_bad_steps=spec.max_bad_steps)
             for d in spec.datasets for b in spec.backbones for s in spec.settings
             for seed in spec.seeds for m in spec.methods if m in b.get("methods", spec.methods)]
 
@@ -401,8 +414,64 @@ def expand_grid(spec: BenchmarkSpec) -> List[Cell]:
 # result store
 
 
+class BenchmarkLockedError(RuntimeError):
+    """Another benchmark run is writing to the same output folder."""
+
+
+class OutputLock:
+    """An exclusive lock on a benchmark output folder for the length of a run.
+
+    Held through ``flock`` on ``<out>/.lock`` (released by the kernel if the process dies,
+    so a killed run never leaves a stale lock); a second run on the same folder gets
+    :class:`BenchmarkLockedError` naming the process that holds it. Where ``fcntl`` does not
+    exist (Windows), runs are not locked against each other.
+    """
+
+    def __init__(self, out: Union[str, os.PathLike]):
+        self.path = Path(out) / ".lock"
+        self._f = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            _logger.warning("no fcntl: %s is not locked against concurrent runs", self.path.parent)
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            f.close()
+            raise BenchmarkLockedError(
+                f"another benchmark run ({holder}) is writing to {self.path.parent}; wait for it to finish, "
+                "or give this run its own --out (reports of several folders can be merged later)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._f is not None:
+            import fcntl
+
+            self._f.seek(0)
+            self._f.truncate()
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
 class ResultStore:
-    """``results.jsonl``: one JSON record per finished cell, appended with flush + fsync."""
+    """``results.jsonl``: one JSON record per finished cell, appended with flush + fsync.
+
+    Each append holds an exclusive ``flock`` on the file, so writers in several processes
+    never interleave their lines.
+    """
 
     def __init__(self, path: Union[str, os.PathLike]):
         self.path = Path(path)
@@ -433,6 +502,12 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
         with open(self.path, "ab+") as f:
+            try:
+                import fcntl
+
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            except ImportError:  # pragma: no cover - Windows
+                pass
             f.seek(0, os.SEEK_END)
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)
@@ -440,7 +515,7 @@ class ResultStore:
                     line = "\n" + line
             f.write(line.encode())
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the lock goes with the file's close
 
 
 # --------------------------------------------------------------------------------------
@@ -507,6 +582,9 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
 
     A method that cannot be created for the backbone (an error from
     :func:`promptmatch.create_segmentor`) gives a record with ``status: "skipped"`` and the reason.
+    Training that meets a non-finite loss or gradient (more than the spec's ``max_bad_steps``
+    times) gives ``status: "diverged"`` with the step, loss and learning rate
+    (``diverged_at_step``, ``diverged_loss``, ``diverged_lr``) and no mIoU.
     Peak memory is this process's peak RSS after training minus its peak before the model
     was built (CPU), or the CUDA allocator's peak (GPU): run one cell per process.
     """
@@ -514,6 +592,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     import torch
 
     import promptmatch as pm
+    from promptmatch.divergence import DivergenceError
     from promptmatch.training import _sync, evaluate_segmentor, train_segmentor
 
     cell = cell if isinstance(cell, Cell) else Cell.from_dict(cell)
@@ -553,8 +632,17 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
     # training (as tools/demo.py: AdamW, polynomial decay, random flips)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run = train_segmentor(model, train_x, train_y, s["steps"], s["batch"], s["lr"], seed=cell.seed, device=device)
+    try:
+        run = train_segmentor(model, train_x, train_y, s["steps"], s["batch"], s["lr"], seed=cell.seed,
+                              device=device, max_bad_steps=cell.max_bad_steps)
+    except DivergenceError as e:  # a result of its own: never ranked, never an "ok" cell
+        _logger.warning("cell diverged: %s", e)
+        rec.update(status="diverged", reason=str(e), diverged_at_step=e.step, diverged_loss=e.loss,
+                   diverged_lr=e.lr, diverged_what=e.reason, skipped_steps=e.skipped,
+                   wall_s=time.perf_counter() - t_start, versions=_versions())
+        return rec
     times, losses = run["times"], run["losses"]
+    rec["skipped_steps"] = run["skipped"]
     warm = times[min(s["warmup"], len(times) - 1):]
     step_s = float(np.median(warm))
     if device.type == "cuda":
@@ -647,11 +735,20 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
 
     Returns:
         The records written by this call.
-    """
-    from tqdm import tqdm
 
+    Raises:
+        BenchmarkLockedError: another run is writing to ``out`` (see :class:`OutputLock`).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress, report, isolate)
+
+
+def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[int], retry_errors: bool,
+                          progress: bool, report: bool, isolate: bool) -> List[Dict[str, Any]]:
+    from tqdm import tqdm
+
     (out / "spec.json").write_text(json.dumps(spec.raw, indent=2) + "\n")
     store = ResultStore(out / "results.jsonl")
     cells = expand_grid(spec)
@@ -684,6 +781,9 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
         written.append(rec)
         if rec["status"] == "error":
             _logger.warning("cell failed: %s: %s", cell.key, rec.get("reason", "")[-500:])
+        elif rec["status"] == "diverged":
+            _logger.warning("cell diverged (recorded, not ranked): %s at step %s, lr %s", cell.method,
+                            rec.get("diverged_at_step"), rec.get("diverged_lr"))
         bar.update(1)
     bar.close()
     if report:
@@ -709,8 +809,10 @@ def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
 def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     """Mean and std over seeds per (dataset, backbone, setting, method) of the ``ok`` records.
 
-    Skipped and failed cells appear with ``status`` and ``reason`` and no numbers. A cell
-    recorded twice (e.g. an error retried) counts once: the last record wins.
+    Skipped and failed cells appear with ``status`` and ``reason`` and no numbers. A group
+    in which any seed diverged has ``status: "diverged"`` (its other seeds would overstate the
+    method), so it is never ranked. A cell recorded twice (e.g. an error retried) counts
+    once: the last record wins.
     """
     latest: Dict[str, Mapping[str, Any]] = {}
     for r in records:
@@ -723,6 +825,14 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         ok = [r for r in rs if r.get("status") == "ok"]
         row: Dict[str, Any] = {"dataset": dataset, "backbone": backbone, "setting": setting, "method": method,
                                "n_seeds": len(ok), "seeds": sorted(r["seed"] for r in ok)}
+        diverged = sorted((r for r in rs if r.get("status") == "diverged"), key=lambda r: r["seed"])
+        if diverged:
+            row.update(status="diverged", n_diverged=len(diverged), reason=(
+                f"diverged in {len(diverged)} of {len(rs)} seed(s): " + "; ".join(
+                    f"seed {r['seed']} at step {r.get('diverged_at_step')} (lr {_num(r.get('diverged_lr'))}, "
+                    f"loss {_num(r.get('diverged_loss'))})" for r in diverged)))
+            rows.append(row)
+            continue
         if not ok:
             row.update(status=rs[0].get("status"), reason=rs[0].get("reason", ""))
             rows.append(row)
@@ -735,6 +845,10 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
             row[k] = _mean_std([r.get(k) for r in ok])
         rows.append(row)
     return rows
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
@@ -888,6 +1002,28 @@ def _relative_section(rows: List[Dict[str, Any]], frozen: str = "linear", full: 
     return out + [""]
 
 
+def _diverged_section(records: List[Dict[str, Any]]) -> List[str]:
+    """Markdown list of the diverged cells (latest record per cell); empty if none."""
+    latest: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        latest[r["key"]] = r
+    div = [r for r in latest.values() if r.get("status") == "diverged"]
+    if not div:
+        return []
+    out = ["## Diverged cells (not ranked)", "",
+           "Training met a non-finite loss, gradient or weight and stopped; these cells have no mIoU, and a "
+           "method/setting with any diverged seed is left out of the rankings. Lower the learning rate, or let "
+           "cells skip a few bad steps with the spec's `max_bad_steps`.", "",
+           "| dataset | backbone | setting | method | seed | step | loss | lr | not finite | skipped before |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(div, key=lambda r: _group_key(r) + (r["seed"],)):
+        d, b, st, m = _group_key(r)
+        out.append(f"| {d} | {b} | {st} | {m} | {r['seed']} | {r.get('diverged_at_step')} | "
+                   f"{_num(r.get('diverged_loss'))} | {_num(r.get('diverged_lr'))} | {r.get('diverged_what', '')} | "
+                   f"{len(r.get('skipped_steps') or [])} |")
+    return out + [""]
+
+
 def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
     """Write ``<out>/report.md`` (and PNG plots) from ``<out>/results.jsonl`` alone."""
     out = Path(out)
@@ -898,7 +1034,8 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
     lines.append(f"{len({r['key'] for r in records})} cells recorded: "
                  f"{sum(1 for r in rows if r['status'] == 'ok')} method/setting groups with results, "
                  f"{sum(1 for r in records if r.get('status') == 'skipped')} skipped, "
-                 f"{sum(1 for r in records if r.get('status') == 'error')} failed. "
+                 f"{sum(1 for r in records if r.get('status') == 'error')} failed, "
+                 f"{sum(1 for r in records if r.get('status') == 'diverged')} diverged (listed apart, never ranked). "
                  "Values are mean ± std over seeds (std shown when more than one seed).")
     if ok_recs:
         v = ok_recs[-1].get("versions", {})
@@ -931,6 +1068,7 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
                          f"{_fmt(r['latency_ms_median'], 1, 1)} |")
         lines.append("")
 
+    lines += _diverged_section(records)
     lines += _relative_section(rows)
     ranks = _rankings(rows)
     if ranks:
@@ -1039,10 +1177,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {write_report(out)}")
         return 0
     t0 = time.perf_counter()
-    written = run_benchmark(spec, out, max_cells=args.max_cells, retry_errors=args.retry_errors,
-                            progress=not args.no_progress)
+    try:
+        written = run_benchmark(spec, out, max_cells=args.max_cells, retry_errors=args.retry_errors,
+                                progress=not args.no_progress)
+    except BenchmarkLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     errors = sum(1 for r in written if r["status"] == "error")
-    print(f"{len(written)} cells run in {time.perf_counter() - t0:.0f} s ({errors} failed); "
+    diverged = sum(1 for r in written if r["status"] == "diverged")
+    print(f"{len(written)} cells run in {time.perf_counter() - t0:.0f} s ({errors} failed, {diverged} diverged); "
           f"results in {out / 'results.jsonl'}, report in {out / 'report.md'}")
     return 1 if errors else 0
 

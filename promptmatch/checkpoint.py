@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .divergence import NonFiniteError, non_finite_tensors
 from .version import __version__
 
 __all__ = [
@@ -176,12 +177,22 @@ def save_prompts(model: nn.Module, path: PathLike, extra: Optional[Mapping[str, 
     """Write the trainable weights of ``model`` and its identity to ``path`` (``.safetensors``).
 
     Also writes ``<path without suffix>.json`` with the same metadata. Returns the path.
+    Raises :class:`~promptmatch.divergence.NonFiniteError` (and leaves any existing file
+    untouched) if a tensor holds NaN or infinite values: a diverged model never replaces
+    a good checkpoint.
     """
     from safetensors.torch import save as st_save
 
     path = _normalise_path(path)
     meta = _metadata(model, extra)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise NonFiniteError(
+            f"not writing prompt checkpoint {str(path)!r}: {len(bad)} tensor(s) hold NaN or infinite values "
+            f"({', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}); training has diverged. "
+            + ("The existing file was left as it was." if path.exists() else "Nothing was written.")
+        )
     meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
     blob = st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(path, blob)

@@ -5,6 +5,10 @@ the end. Mirrors mmseg's tools/train.py.
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume] [--amp] [--cfg-options k=v ...]
     bash tools/dist_train.sh CONFIG NUM_PROCS [...]     # multi-process (GPU: nccl; CPU: gloo)
+
+Exits with status 3 if training diverges (a non-finite loss or gradient, or a run that
+ends on an iteration skipped under ``model.max_bad_steps``); the prompt checkpoints written
+before stay as they were.
 """
 from __future__ import annotations
 
@@ -63,8 +67,25 @@ def main(argv=None) -> int:
         runner = RUNNERS.build(cfg)
     else:
         runner = Runner.from_cfg(cfg)
+    from promptmatch.divergence import DivergenceError
+
     with trust_checkpoints_under(cfg.work_dir):
-        runner.train()
+        try:
+            runner.train()
+        except DivergenceError as e:
+            print_log(f"promptmatch: {e}", logger="current", level=logging.ERROR)
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    guard = getattr(model, "divergence_guard", None)
+    if guard is not None and guard.skipped:
+        print_log(f"promptmatch: {guard.summary()}", logger="current", level=logging.WARNING)
+        if not guard.last_step_ok:
+            msg = (f"training diverged: it ended on an iteration skipped as non-finite ({guard.summary()}); "
+                   "the prompt checkpoints written before it were kept")
+            print_log(f"promptmatch: {msg}", logger="current", level=logging.ERROR)
+            print(f"error: {msg}", file=sys.stderr)
+            return 3
     return 0
 
 

@@ -6,6 +6,7 @@ from .datasets import OfflineSegDataset
 from .hooks import PromptCheckpointHook
 from .segmentor import PromptEncoderDecoder, default_stage_modules
 from .timm_backbone import TimmBackbone
-from .wrappers import CPUDistributedDataParallel
+from .wrappers import CPUDistributedDataParallel, PromptDistributedDataParallel
 
-__all__ = ["PromptEncoderDecoder", "TimmBackbone", "PromptCheckpointHook", "default_stage_modules", "CPUDistributedDataParallel", "OfflineSegDataset"]
+__all__ = ["PromptEncoderDecoder", "TimmBackbone", "PromptCheckpointHook", "default_stage_modules", "CPUDistributedDataParallel",
+           "PromptDistributedDataParallel", "OfflineSegDataset"]

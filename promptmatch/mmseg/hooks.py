@@ -11,6 +11,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
 from ..checkpoint import save_prompts
+from ..divergence import NonFiniteError
 from ..registry import HOOKS
 
 __all__ = ["PromptCheckpointHook", "unwrap_model"]
@@ -28,6 +29,8 @@ class PromptCheckpointHook(Hook):
     (default: the CheckpointHook's interval) and ``<work_dir>/prompts.safetensors`` at the
     end of training (and at every interval, so it always holds the latest prompts).
     The dataset's class names are stored in the model before training starts.
+    Prompts that are not finite (or taken right after an iteration skipped as non-finite)
+    are never written: the previous files stay as they were and the log says so.
     """
 
     priority = "VERY_LOW"
@@ -66,7 +69,18 @@ class PromptCheckpointHook(Hook):
         cfg_file = getattr(runner.cfg, "filename", None)
         if cfg_file:
             extra["config"] = str(cfg_file)
-        if path is not None:
-            save_prompts(model, path, extra=extra)
-        latest = save_prompts(model, osp.join(self.out_dir, "prompts.safetensors"), extra=extra)
+        latest_path = osp.join(self.out_dir, "prompts.safetensors")
+        guard = getattr(model, "divergence_guard", None)
+        try:
+            if guard is not None and not guard.last_step_ok:
+                raise NonFiniteError(f"iteration {iteration} was skipped as non-finite")
+            if path is not None:
+                save_prompts(model, path, extra=extra)
+            latest = save_prompts(model, latest_path, extra=extra)
+        except NonFiniteError as e:
+            kept = f"the last finite prompts in {latest_path} stay in place" if osp.exists(latest_path) else \
+                "no prompt checkpoint has been written yet"
+            print_log(f"promptmatch: prompt checkpoint NOT written at iteration {iteration} ({e}); {kept}",
+                      logger="current", level=logging.WARNING)
+            return
         print_log(f"promptmatch: prompt checkpoint written to {path or latest}", logger="current", level=logging.INFO)

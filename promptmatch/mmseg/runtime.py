@@ -130,8 +130,15 @@ def trust_checkpoints_under(directory: str) -> Iterator[None]:
 
 
 def prepare_distributed(cfg: Config, launcher: str) -> None:
-    """Make mmengine's distributed launch work on CPU-only machines (gloo, DDP without devices)."""
-    if launcher == "none" or torch.cuda.is_available():
+    """Make mmengine's distributed launch work on CPU-only machines (gloo, DDP without devices),
+    and give distributed runs the wrapper whose train step checks for divergence."""
+    if launcher == "none":
+        return
+    if torch.cuda.is_available():
+        wrapper = dict(cfg.get("model_wrapper_cfg") or {})
+        if wrapper.get("type", "MMDistributedDataParallel") == "MMDistributedDataParallel":
+            wrapper["type"] = "promptmatch.PromptDistributedDataParallel"
+            cfg.model_wrapper_cfg = wrapper
         return
     import torch.distributed as dist
 

@@ -21,6 +21,7 @@ from mmseg.models.segmentors import EncoderDecoder
 from torch import Tensor, nn
 
 from ..checkpoint import backbone_architecture, describe_model, trainable_state_dict
+from ..divergence import DivergenceError, DivergenceGuard, check_max_bad_steps
 from ..methods import build_method, get_method, interim_losses
 from ..report import parameter_report
 from ..registry import MODELS
@@ -32,6 +33,10 @@ SUPPORTED_BACKBONES = (
     "ResNet", "ResNetV1c", "ResNetV1d", "VisionTransformer", "BEiT", "MAE", "SwinTransformer",
     "MixVisionTransformer", "promptmatch.TimmBackbone",
 )
+
+
+def _log_warning(msg: str) -> None:
+    print_log(f"promptmatch: {msg}", logger="current", level=logging.WARNING)
 
 
 def _vit_groups(num_layers: int, num_stages: Optional[int]) -> List[str]:
@@ -81,6 +86,9 @@ class PromptEncoderDecoder(EncoderDecoder):
             per backbone type, or timm's ``feature_info``).
         num_stages: number of block groups for plain ViTs (default 4).
         class_names: stored in prompt checkpoints (the tools fill it from the dataset).
+        max_bad_steps: training iterations with a non-finite loss or gradient to skip (no
+            update) before stopping with :class:`~promptmatch.DivergenceError`; ``0`` (the
+            default) stops at the first. Training only; not part of the checkpoint identity.
     """
 
     def __init__(
@@ -92,9 +100,11 @@ class PromptEncoderDecoder(EncoderDecoder):
         stage_modules: Optional[Sequence[str]] = None,
         num_stages: Optional[int] = None,
         class_names: Optional[Sequence[str]] = None,
+        max_bad_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         method_cls = get_method(method)  # fail on a bad name before building anything
+        check_max_bad_steps(max_bad_steps, "PromptEncoderDecoder: max_bad_steps")
         super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
         from .timm_backbone import TimmBackbone
 
@@ -133,6 +143,13 @@ class PromptEncoderDecoder(EncoderDecoder):
         self.method.attach(self.backbone.model if is_timm else self.backbone)
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = int(getattr(self.decode_head, "ignore_index", 255))
+        self.divergence_guard = DivergenceGuard(
+            max_bad_steps, where="training",
+            hint="lower the learning rate (optim_wrapper.optimizer.lr), or let a few bad iterations be skipped "
+                 "with model.max_bad_steps=N",
+            log=_log_warning)
+        self._guarded_step = False
+        self._trainable_buffer_names: Optional[set] = None
         rep = parameter_report(self)
         print_log(
             f"promptmatch: {method} on {type(self.backbone).__name__} stages "
@@ -151,6 +168,38 @@ class PromptEncoderDecoder(EncoderDecoder):
     def init_weights(self) -> None:
         super().init_weights()
         self.staged.keep_frozen()  # whatever an init_cfg did, a frozen backbone stays in eval
+
+    # ------------------------------------------------------------- training
+    def train_step(self, data: Any, optim_wrapper: Any) -> Dict[str, Tensor]:
+        """mmengine's train step, with a non-finite loss or gradient stopped (or skipped)
+        before the optimiser step; see :mod:`promptmatch.mmseg.guard`."""
+        from .guard import guarded_train_step
+
+        return guarded_train_step(self, self, data, optim_wrapper)
+
+    def parse_losses(self, losses: Dict[str, Any]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        parsed, log_vars = super().parse_losses(losses)
+        if not self._guarded_step and self.training and not self.divergence_guard.loss_finite(parsed):
+            # a caller that updates right after (mmengine's own DDP wrapper): stop before it does
+            from .guard import current_iter
+
+            it = current_iter(default=-1)
+            raise DivergenceError(
+                f"training diverged at iteration {it}: the loss is {float(parsed)}; stopped before the update. "
+                "Lower the learning rate. (Skipping bad iterations needs the model's own train step: under "
+                "several processes use model_wrapper_cfg=dict(type='promptmatch.PromptDistributedDataParallel').)",
+                step=it, loss=float(parsed), lr=None, skipped=[], reason="loss")
+        return parsed, log_vars
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """The parameters that train (matchers, heads, neck; the backbone too for ``full``)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_buffers(self) -> List[Tensor]:
+        """The buffers that training changes (BatchNorm statistics of heads and matchers)."""
+        if self._trainable_buffer_names is None:
+            self._trainable_buffer_names = set(self.trainable_state_dict())
+        return [b for n, b in self.named_buffers() if n in self._trainable_buffer_names]
 
     # -------------------------------------------------------------- forward
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
