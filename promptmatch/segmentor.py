@@ -151,7 +151,11 @@ class PromptSegmentor(nn.Module):
         labels = labels.long()
         feats, state = self.forward_features(images)
         logits = self._decode(feats, images.shape[-2:])
-        losses = {"loss_decode": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+        if bool((labels != self.ignore_index).any()):
+            decode = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        else:  # no labelled pixel: a zero loss that keeps the graph (a mean over nothing is NaN)
+            decode = logits.sum() * 0.0
+        losses = {"loss_decode": decode}
         losses.update(interim_losses(self.method, state, labels, self.ignore_index))
         return losses
 

@@ -1,7 +1,11 @@
 """Public API behaviour: bad input, mismatched checkpoints, weights, prompt bank, hygiene."""
 from __future__ import annotations
 
+import io
+import json
 import os
+import pickle
+import struct
 import subprocess
 import sys
 import time
@@ -74,17 +78,44 @@ def test_bad_images_and_labels():
             fn()
 
 
+def _loss_keys(model):
+    return {"loss_decode"} | {f"loss_interim_{b}" for b in model.method.boundary_indices}
+
+
 def test_ignore_index_is_respected():
     model = pm.create_segmentor(resnet(), num_classes=4)
     images, labels = make_batch(64)
-    ignored = torch.full_like(labels, 255)
-    losses = model.loss(images, ignored.clone())
-    assert all(torch.isfinite(v) or torch.isnan(v) for v in losses.values())
+    # an all-ignored batch carries no signal: no interim loss, no gradient anywhere
+    losses = model.loss(images, torch.full_like(labels, 255))
+    assert set(losses) == _loss_keys(model)
+    for k, v in losses.items():
+        if k != "loss_decode":  # loss_decode: see test_all_ignored_batch_gives_finite_losses
+            assert v.item() == 0.0, (k, v)
+    sum(losses.values()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    for n, g in grads.items():
+        assert torch.isfinite(g).all() and not g.any(), f"{n} learns from ignored pixels"
+    # half the pixels ignored: finite, positive losses, the decode loss over the other half only
     part = labels.clone()
     part[:, :32] = 255
-    a = model.loss(images, part)["loss_decode"]
+    losses = model.loss(images, part)
+    assert set(losses) == _loss_keys(model)
+    for k, v in losses.items():
+        assert torch.isfinite(v) and v.item() > 0, (k, v)
     b = torch.nn.functional.cross_entropy(model(images), part, ignore_index=255)
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(losses["loss_decode"], b)
+
+
+def test_all_ignored_batch_gives_finite_losses():
+    """A crop with no labelled pixel is a normal batch (zero loss), not a diverged step."""
+    model = pm.create_segmentor(resnet(), num_classes=4)
+    images, labels = make_batch(64)
+    losses = model.loss(images, torch.full_like(labels, 255))
+    assert set(losses) == _loss_keys(model)
+    for k, v in losses.items():
+        assert torch.isfinite(v) and v == 0, (k, v)
+    sum(losses.values()).backward()  # the graph is kept: a training step goes through
 
 
 def test_vit_takes_any_size_divisible_by_patch():
@@ -202,14 +233,32 @@ def test_mismatched_prompts_are_refused_untouched(saved, build, field):
 
 def test_checkpoint_files_and_metadata(saved):
     model, path = saved
+    # no pickle: the file is plain safetensors (u64 little-endian header length, a JSON header
+    # of tensor entries and string metadata, then exactly the tensors' bytes), nothing else
+    raw = path.read_bytes()
+    assert not raw.startswith((b"PK", b"\x80")), "zip (torch.save) or pickle magic at the start"
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert 8 + n <= len(raw)
+    header = json.loads(raw[8 : 8 + n])
+    assert set(header["__metadata__"]) == {"promptmatch"}
+    assert all(isinstance(v, str) for v in header["__metadata__"].values())
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert set(entries) == set(model.trainable_state_dict())
+    spans = sorted(tuple(e["data_offsets"]) for e in entries.values())
+    for e in entries.values():
+        assert set(e) == {"dtype", "shape", "data_offsets"}, e
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[-1][1] == len(raw) - 8 - n, "bytes beyond the tensors"
+    with pytest.raises(Exception):
+        pickle.loads(raw)
+    with pytest.raises(Exception):  # bytes, not the path: torch.load reads a *.safetensors path with safetensors
+        torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     assert path.with_suffix(".json").is_file()
     meta = pm.read_prompt_metadata(path)
     assert meta["method"] == "spm" and meta["num_classes"] == 4 and meta["class_names"] == list("abcd")
     assert meta["library_version"] == pm.__version__
     assert meta["backbone"]["architecture"] == "test_vit"
     assert meta["backbone"]["fingerprint"] == pm.backbone_fingerprint(model)
-    with open(path, "rb") as f:
-        assert b"pickle" not in f.read(4096)
 
 
 def test_tampered_tensor_shapes_refused(saved, tmp_path):

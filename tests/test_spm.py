@@ -47,16 +47,26 @@ def test_variant_is_identity_at_init_and_learns(variant, backbone):
 def test_matcher_stride_pools_fine_boundaries():
     """On a stride-4 boundary the default matcher runs on the stride-8 grid; 0 keeps it native."""
     images, labels = make_batch(64, num_classes=3)
-    grids = {}
+    grids, matcher_grids = {}, {}
     for stride in (8, 0):
         model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, method_cfg={"matcher_stride": stride})
         first = model.staged.stages[0]
         assert first.reduction == 4
-        _, state = model.forward_features(images)
+        seen = []  # the grids the first boundary's matcher projections actually run on
+        for proj in (model.method.in_proj["0"], model.method.out_proj["0"]):
+            proj.register_forward_hook(lambda m, i, o: seen.append((tuple(i[0].shape[-2:]), tuple(o.shape[-2:]))))
+        with torch.no_grad():  # a non-zero prompt: one of the two starts at zero
+            model.method.gamma["0"].fill_(1.0)
+            model.method.out_proj["0"].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+            frozen = model.staged.forward(images)
+            out, state = model.forward_features(images)
+        # the prompt changes the stage's feature at every position of its full grid
+        delta = (out[0] - frozen[0]).abs().amax(dim=(0, 1))
+        assert delta.shape == (64 // 4, 64 // 4) and bool((delta > 0).all()), (stride, delta)
         grids[stride] = tuple(state["interim"][0].shape[-2:])
-        out, _ = model.forward_features(images)
-        assert out[0].shape[-2:] == (64 // 4, 64 // 4)  # the prompt is brought back to the stage's grid
+        matcher_grids[stride] = set(seen)
     assert grids == {8: (8, 8), 0: (16, 16)}
+    assert matcher_grids == {8: {((8, 8), (8, 8))}, 0: {((16, 16), (16, 16))}}
 
 
 def test_prompt_scale_follows_the_features():
