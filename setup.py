@@ -17,6 +17,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["promptmatch", "promptmatch.*"]),
     include_package_data=True,
+    # the benchmark profiles are package data: `python -m promptmatch.benchmark --profile quick`
+    # works from any directory after a plain (non-editable) install
+    package_data={"promptmatch.benchmark": ["profiles/*.json"]},
     install_requires=[
         "torch>=2.1",
         "timm>=1.0,<1.1",

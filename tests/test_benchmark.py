@@ -85,17 +85,28 @@ def test_cell_in_child_process_and_skipped_method(tmp_path, monkeypatch):
     assert rec["peak_mem_kind"].startswith("cpu peak RSS") and rec["peak_mem_mb"] >= 0
     assert rec["baseline_rss_mb"] > 0
 
-    # a method that raises at creation (e.g. ViT-only on a CNN) is recorded as skipped
+    # a method that does not apply (e.g. ViT-only on a CNN) is recorded as skipped ...
     real = pm.create_segmentor
 
     def refuse(backbone, method="spm", *a, **k):
         if method == "spm":
-            raise ValueError("spm does not apply to this backbone (test)")
+            raise pm.MethodNotApplicableError("spm does not apply to this backbone (test)")
+        if method == "bitfit":
+            raise ValueError("a bug in the method (test)")
         return real(backbone, method, *a, **k)
 
     monkeypatch.setattr(pm, "create_segmentor", refuse)
     rec = bm.run_cell(bm.Cell("spm", cell.backbone, cell.dataset, cell.settings, 0))
     assert rec["status"] == "skipped" and "does not apply" in rec["reason"]
+    # ... any other exception is an error of the cell, with its traceback
+    with pytest.raises(ValueError, match="a bug in the method"):
+        bm.run_cell(bm.Cell("bitfit", cell.backbone, cell.dataset, cell.settings, 0))
+    spec = bm.validate_spec({**TINY, "methods": ["bitfit"], "seeds": [0], "datasets": [
+        {"name": "nuclei", "splits": ["val"]}]})
+    (rec,) = bm.run_benchmark(spec, tmp_path / "err", progress=False, report=True, isolate=False)
+    assert rec["status"] == "error" and "Traceback" in rec["reason"] and "a bug in the method" in rec["reason"]
+    report = (tmp_path / "err" / "report.md").read_text()
+    assert "error: ValueError: a bug in the method (test)" in report
 
 
 def test_kendall_tau_b():
@@ -226,5 +237,12 @@ def test_latency_tool_writes_side_by_side_ratios(tmp_path):
     res = json.loads(out.read_text())
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"linear (frozen)", "spm", 'spm:{"hidden_dim": 8}'}
-    assert rows["linear (frozen)"]["ratio_to_frozen"] == 1.0
+    assert all(r["decoder"] == "linear" for r in rows.values())
     assert all(r["latency_ms_median"] > 0 for r in rows.values())
+    # every ratio is the row's own median latency over the frozen row's, as written beside it
+    frozen = rows["linear (frozen)"]["latency_ms_median"]
+    for label, r in rows.items():
+        assert r["ratio_to_frozen"] == pytest.approx(r["latency_ms_median"] / frozen, rel=1e-9, abs=0), label
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("linear ")]
+    for label, r in rows.items():
+        assert any(label in line and f"x{r['ratio_to_frozen']:.2f}" in line for line in lines), (label, lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from torch import nn
 
-from .base import MethodConfig, TuningMethod, register_method
+from .base import MethodConfig, MethodNotApplicableError, TuningMethod, register_method
 
 __all__ = ["BitFitConfig", "BitFit", "is_bias_parameter"]
 
@@ -59,4 +59,4 @@ class BitFit(TuningMethod):
                     p.requires_grad_(True)
                     found = True
         if not found:
-            raise ValueError(f"bitfit found no bias parameters in {type(backbone).__name__}")
+            raise MethodNotApplicableError(f"bitfit found no bias parameters in {type(backbone).__name__}")

@@ -1,0 +1,73 @@
+"""The benchmark tool: a grid of methods x backbones x datasets x settings x seeds.
+
+A small spec file (JSON, or YAML when PyYAML is installed) describes the grid; see
+``configs/benchmark/README.md`` and the profiles shipped in ``promptmatch/benchmark/profiles``.
+Each *cell* (one method, backbone, dataset, setting and seed) trains and evaluates in a
+child process of its own (``python -m promptmatch.benchmark --cell FILE``), so its peak
+resident memory is its own, and its record is appended as one JSON line to
+``<out>/results.jsonl`` (flushed and fsynced). A restarted run skips every cell whose key is
+already there; a line truncated by a kill is ignored. ``write_report`` turns
+``results.jsonl`` alone into ``report.md`` and PNG plots: mean and spread over seeds,
+rankings of the methods and Kendall's tau-b between rankings.
+
+Modules: :mod:`.spec` (specs, cells, profiles), :mod:`.store` (results file, run lock),
+:mod:`.cell` (one cell), :mod:`.runner` (the grid), :mod:`.report`, :mod:`.cli`.
+
+Python API::
+
+    spec = load_spec(profile_path("quick"))               # or load_spec(path), validate_spec(dict)
+    cells = expand_grid(spec)
+    run_benchmark(spec, "work_dirs/bench")                # resumable
+    write_report("work_dirs/bench")                       # from results.jsonl alone
+"""
+from __future__ import annotations
+
+from .cell import RECORD_VERSION, error_record, run_cell, run_cell_in_child
+from .cli import main
+from .report import _diverged_section, _rankings, _relative_section, _tau  # noqa: F401 (used by tests)
+from .report import aggregate, kendall_tau_b, write_report
+from .runner import run_benchmark
+from .spec import (
+    EFFICIENTNET_LITE0_WEIGHTS,
+    PROFILE_DIR,
+    SETTING_DEFAULTS,
+    BenchmarkSpec,
+    Cell,
+    SpecError,
+    cell_key,
+    expand_grid,
+    list_profiles,
+    load_spec,
+    profile_path,
+    settings_label,
+    validate_spec,
+)
+from .store import BenchmarkLockedError, OutputLock, ResultStore
+
+__all__ = [
+    "BenchmarkSpec",
+    "Cell",
+    "SpecError",
+    "ResultStore",
+    "OutputLock",
+    "BenchmarkLockedError",
+    "SETTING_DEFAULTS",
+    "EFFICIENTNET_LITE0_WEIGHTS",
+    "PROFILE_DIR",
+    "RECORD_VERSION",
+    "cell_key",
+    "settings_label",
+    "profile_path",
+    "list_profiles",
+    "load_spec",
+    "validate_spec",
+    "expand_grid",
+    "run_cell",
+    "run_cell_in_child",
+    "error_record",
+    "run_benchmark",
+    "aggregate",
+    "kendall_tau_b",
+    "write_report",
+    "main",
+]

@@ -1,0 +1,358 @@
+"""The report of a benchmark folder, from ``results.jsonl`` alone: tables of mean and spread
+over seeds, diverged cells, costs relative to the frozen backbone and full fine-tuning,
+rankings of the methods, Kendall's tau-b between rankings, and plots."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .store import ResultStore
+
+__all__ = ["aggregate", "kendall_tau_b", "write_report"]
+
+_logger = logging.getLogger(__name__)
+
+
+def _group_key(r: Mapping[str, Any]) -> Tuple[str, str, str, str]:
+    return (r["dataset"], r["backbone"].get("label", r["backbone"]["name"]), r["setting_label"], r["method"])
+
+
+def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return float(statistics.fmean(vals)), float(statistics.stdev(vals)) if len(vals) > 1 else 0.0
+
+
+def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Mean and std over seeds per (dataset, backbone, setting, method) of the ``ok`` records.
+
+    Skipped and failed cells appear with ``status`` and ``reason`` and no numbers. A group
+    in which any seed diverged has ``status: "diverged"`` (its other seeds would overstate the
+    method), so it is never ranked. A cell recorded twice (e.g. an error retried) counts
+    once: the last record wins.
+    """
+    latest: Dict[str, Mapping[str, Any]] = {}
+    for r in records:
+        latest[r["key"]] = r
+    groups: Dict[Tuple[str, str, str, str], List[Mapping[str, Any]]] = {}
+    for r in latest.values():
+        groups.setdefault(_group_key(r), []).append(r)
+    rows = []
+    for (dataset, backbone, setting, method), rs in sorted(groups.items()):
+        ok = [r for r in rs if r.get("status") == "ok"]
+        row: Dict[str, Any] = {"dataset": dataset, "backbone": backbone, "setting": setting, "method": method,
+                               "n_seeds": len(ok), "seeds": sorted(r["seed"] for r in ok)}
+        diverged = sorted((r for r in rs if r.get("status") == "diverged"), key=lambda r: r["seed"])
+        if diverged:
+            row.update(status="diverged", n_diverged=len(diverged), reason=(
+                f"diverged in {len(diverged)} of {len(rs)} seed(s): " + "; ".join(
+                    f"seed {r['seed']} at step {r.get('diverged_at_step')} (lr {_num(r.get('diverged_lr'))}, "
+                    f"loss {_num(r.get('diverged_loss'))})" for r in diverged)))
+            rows.append(row)
+            continue
+        if not ok:
+            row.update(status=rs[0].get("status"), reason=rs[0].get("reason", ""))
+            rows.append(row)
+            continue
+        row["status"] = "ok"
+        splits = list(ok[0]["miou"])
+        row["miou"] = {s: _mean_std([r["miou"].get(s) for r in ok]) for s in splits}
+        for k in ("trainable_params", "trainable_pct", "checkpoint_bytes", "step_time_median_s", "throughput_img_s",
+                  "peak_mem_mb", "latency_ms_median", "wall_s"):
+            row[k] = _mean_std([r.get(k) for r in ok])
+        rows.append(row)
+    return rows
+
+
+def _reason_line(reason: Any) -> str:
+    """One line of a record's reason for a table: the exception line of a traceback, else the first."""
+    lines = [line.strip() for line in str(reason or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[-1] if lines[0].startswith(("Traceback", "child exited")) else lines[0]
+    return line[:160].replace("|", "/")
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b between two paired score sequences (ties handled; nan if undefined)."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError("kendall_tau_b needs sequences of the same length")
+    conc = disc = tx = ty = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tx += 1
+            elif dy == 0:
+                ty += 1
+            elif (dx > 0) == (dy > 0):
+                conc += 1
+            else:
+                disc += 1
+    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
+    return (conc - disc) / denom if denom > 0 else float("nan")
+
+
+def _rankings(rows: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], Dict[str, float]]:
+    """Method scores (mean mIoU) per (dataset, backbone, setting, split)."""
+    out: Dict[Tuple[str, str, str, str], Dict[str, float]] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        for split, (m, _) in r["miou"].items():
+            if not math.isnan(m):
+                out.setdefault((r["dataset"], r["backbone"], r["setting"], split), {})[r["method"]] = m
+    return out
+
+
+def _tau(a: Mapping[str, float], b: Mapping[str, float]) -> Tuple[float, int]:
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return float("nan"), len(common)
+    return kendall_tau_b([a[m] for m in common], [b[m] for m in common]), len(common)
+
+
+def _fmt(ms: Tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
+    m, s = ms
+    if math.isnan(m):
+        return "–"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if s else f"{m * scale:.{digits}f}"
+
+
+def _plots(rows: List[Dict[str, Any]], out: Path) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    paths: List[Path] = []
+    for dataset in sorted({r["dataset"] for r in ok}):
+        rs = [r for r in ok if r["dataset"] == dataset and "val" in r["miou"]] or \
+             [r for r in ok if r["dataset"] == dataset]
+        split = "val" if all("val" in r["miou"] for r in rs) else next(iter(rs[0]["miou"]))
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        settings = sorted({r["setting"] for r in rs})
+        markers = "osD^v<>ph*"
+        for i, setting in enumerate(settings):
+            for r in (r for r in rs if r["setting"] == setting):
+                x, y = max(1.0, r["trainable_params"][0]), 100 * r["miou"][split][0]
+                ax.errorbar(x, y, yerr=100 * r["miou"][split][1], fmt=markers[i % len(markers)], capsize=2,
+                            label=f"{setting}" if r is next(q for q in rs if q["setting"] == setting) else None)
+                ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        pts = sorted(((max(1.0, r["trainable_params"][0]), 100 * r["miou"][split][0]) for r in rs))
+        front, best = [], -1.0
+        for x, y in pts:  # Pareto front: fewer parameters and higher mIoU
+            if y > best:
+                front.append((x, y))
+                best = y
+        if len(front) > 1:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", lw=1, alpha=0.6,
+                    label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel(f"{split} mIoU (%)")
+        ax.set_title(f"{dataset}: mIoU vs trainable parameters")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / f"pareto_{dataset}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    for metric, label, fname, scale in (("step_time_median_s", "training step time (ms, median)", "step_time.png", 1000),
+                                        ("peak_mem_mb", "peak training memory (MB)", "memory.png", 1)):
+        groups: Dict[Tuple[str, str], List[float]] = {}
+        for r in ok:
+            groups.setdefault((r["method"], r["setting"].split(" ")[0]), []).append(r[metric][0] * scale)
+        methods = sorted({m for m, _ in groups})
+        decoders = sorted({d for _, d in groups})
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods) + 2), 4))
+        w = 0.8 / max(1, len(decoders))
+        for j, dec in enumerate(decoders):
+            xs = [i + j * w for i, m in enumerate(methods) if (m, dec) in groups]
+            ys = [statistics.fmean(groups[(m, dec)]) for m in methods if (m, dec) in groups]
+            ax.bar(xs, ys, width=w, label=f"decoder {dec}")
+        ax.set_xticks([i + w * (len(decoders) - 1) / 2 for i in range(len(methods))])
+        ax.set_xticklabels(methods)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per method (mean over datasets and backbones)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _relative_section(rows: List[Dict[str, Any]], frozen: str = "linear", full: str = "full") -> List[str]:
+    """Markdown: every method against the frozen backbone (``linear``) and full fine-tuning
+    with the same dataset, backbone and setting: mIoU difference and cost ratios."""
+    ok = {(r["dataset"], r["backbone"], r["setting"], r["method"]): r for r in rows if r["status"] == "ok"}
+    groups = sorted({k[:3] for k in ok})
+    if not any((g + (frozen,)) in ok or (g + (full,)) in ok for g in groups):
+        return []
+    out = ["## Relative to the frozen backbone and to full fine-tuning", "",
+           f"Same dataset, backbone and setting; `{frozen}` is the frozen backbone with the setting's decoder. "
+           "mIoU differences in points on the first split; ratios of means.", "",
+           f"| dataset | backbone | setting | method | mIoU - {frozen} | mIoU - {full} | step time / {full} | "
+           f"peak memory / {full} | latency / {frozen} |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def diff(a: Dict[str, Any], b: Optional[Dict[str, Any]]) -> str:
+        if b is None:
+            return "–"
+        split = next(iter(a["miou"]))
+        if split not in b["miou"]:
+            return "–"
+        return f"{100 * (a['miou'][split][0] - b['miou'][split][0]):+.1f}"
+
+    def ratio(a: Dict[str, Any], b: Optional[Dict[str, Any]], key: str) -> str:
+        if b is None or not b[key][0] or math.isnan(b[key][0]) or math.isnan(a[key][0]):
+            return "–"
+        return f"{a[key][0] / b[key][0]:.2f}"
+
+    for g in groups:
+        fz, ft = ok.get(g + (frozen,)), ok.get(g + (full,))
+        for m in sorted(k[3] for k in ok if k[:3] == g):
+            r = ok[g + (m,)]
+            out.append(f"| {g[0]} | {g[1]} | {g[2]} | {m} | {diff(r, fz)} | {diff(r, ft)} | "
+                       f"{ratio(r, ft, 'step_time_median_s')} | {ratio(r, ft, 'peak_mem_mb')} | "
+                       f"{ratio(r, fz, 'latency_ms_median')} |")
+    return out + [""]
+
+
+def _diverged_section(records: List[Dict[str, Any]]) -> List[str]:
+    """Markdown list of the diverged cells (latest record per cell); empty if none."""
+    latest: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        latest[r["key"]] = r
+    div = [r for r in latest.values() if r.get("status") == "diverged"]
+    if not div:
+        return []
+    out = ["## Diverged cells (not ranked)", "",
+           "Training met a non-finite loss, gradient or weight and stopped; these cells have no mIoU, and a "
+           "method/setting with any diverged seed is left out of the rankings. Lower the learning rate, or let "
+           "cells skip a few bad steps with the spec's `max_bad_steps`.", "",
+           "| dataset | backbone | setting | method | seed | step | loss | lr | not finite | skipped before |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(div, key=lambda r: _group_key(r) + (r["seed"],)):
+        d, b, st, m = _group_key(r)
+        out.append(f"| {d} | {b} | {st} | {m} | {r['seed']} | {r.get('diverged_at_step')} | "
+                   f"{_num(r.get('diverged_loss'))} | {_num(r.get('diverged_lr'))} | {r.get('diverged_what', '')} | "
+                   f"{len(r.get('skipped_steps') or [])} |")
+    return out + [""]
+
+
+def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
+    """Write ``<out>/report.md`` (and PNG plots) from ``<out>/results.jsonl`` alone."""
+    out = Path(out)
+    records = ResultStore(out / "results.jsonl").load()
+    rows = aggregate(records)
+    lines = [f"# Benchmark report ({out.name})", ""]
+    ok_recs = [r for r in records if r.get("status") == "ok"]
+    lines.append(f"{len({r['key'] for r in records})} cells recorded: "
+                 f"{sum(1 for r in rows if r['status'] == 'ok')} method/setting groups with results, "
+                 f"{sum(1 for r in records if r.get('status') == 'skipped')} skipped, "
+                 f"{sum(1 for r in records if r.get('status') == 'error')} failed, "
+                 f"{sum(1 for r in records if r.get('status') == 'diverged')} diverged (listed apart, never ranked). "
+                 "Values are mean ± std over seeds (std shown when more than one seed).")
+    if ok_recs:
+        v = ok_recs[-1].get("versions", {})
+        lines.append(f"Device: {ok_recs[-1].get('device')}; software: " +
+                     ", ".join(f"{k} {val}" for k, val in v.items()))
+        lines.append("Memory: " + ok_recs[-1].get("peak_mem_kind", "") + " (MB), one process per cell.")
+    lines.append("")
+    for dataset in sorted({r["dataset"] for r in rows}):
+        lines += [f"## {dataset}", ""]
+        drows = [r for r in rows if r["dataset"] == dataset]
+        splits: List[str] = []
+        for r in drows:
+            for s in r.get("miou", {}):
+                if s not in splits:
+                    splits.append(s)
+        head = ["backbone", "setting", "method", "seeds"] + [f"{s} mIoU" for s in splits] + \
+               ["trainable (% bb)", "ckpt KB", "step ms", "img/s", "peak MB", "latency ms"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in drows:
+            if r["status"] != "ok":
+                reason = _reason_line(r.get("reason"))
+                lines.append(f"| {r['backbone']} | {r['setting']} | {r['method']} | – | "
+                             f"{r['status']}: {reason} |" + " |" * (len(head) - 5))
+                continue
+            cells = [_fmt(r["miou"][s], 100) if s in r["miou"] else "–" for s in splits]
+            lines.append(f"| {r['backbone']} | {r['setting']} | {r['method']} | {r['n_seeds']} | " + " | ".join(cells) +
+                         f" | {r['trainable_params'][0]:,.0f} ({r['trainable_pct'][0]:.2f}%) | "
+                         f"{r['checkpoint_bytes'][0] / 1024:.0f} | {_fmt(r['step_time_median_s'], 1000, 0)} | "
+                         f"{_fmt(r['throughput_img_s'], 1, 1)} | {_fmt(r['peak_mem_mb'], 1, 0)} | "
+                         f"{_fmt(r['latency_ms_median'], 1, 1)} |")
+        lines.append("")
+
+    lines += _diverged_section(records)
+    lines += _relative_section(rows)
+    ranks = _rankings(rows)
+    if ranks:
+        lines += ["## Rankings of methods", "",
+                  "Methods ordered by mean mIoU (best first), per dataset, backbone, setting and split.", "",
+                  "| id | dataset | backbone | setting | split | ranking |", "|---|---|---|---|---|---|"]
+        ids = {}
+        for i, (key, scores) in enumerate(sorted(ranks.items()), 1):
+            ids[key] = f"R{i}"
+            order = " > ".join(f"{m} ({100 * v:.1f})" for m, v in sorted(scores.items(), key=lambda kv: -kv[1]))
+            lines.append(f"| R{i} | {key[0]} | {key[1]} | {key[2]} | {key[3]} | {order} |")
+        lines += ["", "## Kendall's tau-b between rankings", "",
+                  "Over the methods two rankings share; 1 = same order, -1 = reversed, nan = fewer than 2 "
+                  "common methods or all tied.", ""]
+        keys = sorted(ranks)
+        taus = []
+        for a, b in itertools.combinations(keys, 2):
+            t, n = _tau(ranks[a], ranks[b])
+            taus.append((a, b, t, n))
+        # main view: the val (or first) split across datasets and settings, as a matrix
+        main_split = "val" if any(k[3] == "val" for k in keys) else keys[0][3]
+        mk = [k for k in keys if k[3] == main_split]
+        if len(mk) > 1:
+            lines += [f"### Across datasets and settings ({main_split} split)", "",
+                      "| | " + " | ".join(ids[k] for k in mk) + " |", "|---|" + "---|" * len(mk)]
+            for a in mk:
+                row = [f"{_tau(ranks[a], ranks[b])[0]:.2f}" for b in mk]
+                lines.append(f"| {ids[a]} ({a[0]}, {a[2]}) | " + " | ".join(row) + " |")
+            lines.append("")
+        lines += ["### Splits against the clean split (per dataset, backbone and setting)", "",
+                  "| dataset | backbone | setting | " + " | ".join(
+                      sorted({k[3] for k in keys if k[3] != main_split})) + " |"]
+        other = sorted({k[3] for k in keys if k[3] != main_split})
+        lines.append("|---|---|---|" + "---|" * len(other))
+        for k in mk:
+            row = []
+            for s in other:
+                kk = (k[0], k[1], k[2], s)
+                row.append(f"{_tau(ranks[k], ranks[kk])[0]:.2f}" if kk in ranks else "–")
+            lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(row) + " |")
+        finite = [t for _, _, t, _ in taus if not math.isnan(t)]
+        lines += ["", f"All {len(taus)} pairs of rankings: mean tau-b "
+                  f"{statistics.fmean(finite):.2f} (min {min(finite):.2f}) over {len(finite)} defined pairs."
+                  if finite else f"All {len(taus)} pairs of rankings: no defined tau (fewer than 2 common methods, or all tied).", ""]
+        (out / "kendall_tau.json").write_text(json.dumps(
+            [{"a": ids[a], "b": ids[b], "tau_b": None if math.isnan(t) else t, "n_methods": n} for a, b, t, n in taus], indent=1) + "\n")
+    if plots and any(r["status"] == "ok" for r in rows):
+        paths = _plots(rows, out)
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    _logger.info("wrote %s", path)
+    return path
+
