@@ -7,6 +7,7 @@ dataset keeps a small prompt checkpoint.
 from .backbones import WeightsNotFoundError, create_backbone
 from .bank import PromptBank
 from .checkpoint import (
+    PromptChecksumError,
     PromptMismatchError,
     backbone_fingerprint,
     load_prompts,
@@ -48,6 +49,7 @@ __all__ = [
     "read_prompt_metadata",
     "backbone_fingerprint",
     "PromptMismatchError",
+    "PromptChecksumError",
     "DivergenceError",
     "DivergenceGuard",
     "NonFiniteError",

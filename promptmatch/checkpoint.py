@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -22,6 +24,8 @@ from .version import __version__
 
 __all__ = [
     "PromptMismatchError",
+    "PromptChecksumError",
+    "tensor_checksum",
     "save_prompts",
     "load_prompts",
     "read_prompt_metadata",
@@ -41,11 +45,54 @@ class PromptMismatchError(ValueError):
     """A prompt checkpoint does not belong to the model it is loaded onto."""
 
 
+class PromptChecksumError(PromptMismatchError):
+    """A prompt checkpoint's tensor data differs from what was written (a damaged or altered file)."""
+
+
+def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+_PID_IN_TMP = re.compile(r"\.pid(\d+)\.")
+_STALE_AFTER_S = 3600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files that an earlier, killed write of ``path`` left behind: those of a
+    process that no longer runs on this machine, or older than an hour."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        m = _PID_IN_TMP.search(tmp.name[len(path.name) + 1:])
+        stale = False
+        if m is not None:
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                stale = True
+            except (PermissionError, OverflowError, OSError):
+                pass
+        try:
+            stale = stale or time.time() - tmp.stat().st_mtime > _STALE_AFTER_S
+            if stale:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
+
+    Temporary files left by an earlier write that was killed are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -194,6 +241,7 @@ def save_prompts(model: nn.Module, path: PathLike, extra: Optional[Mapping[str, 
             + ("The existing file was left as it was." if path.exists() else "Nothing was written.")
         )
     meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
+    meta["tensor_sha256"] = tensor_checksum(tensors)
     blob = st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(path, blob)
     atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
@@ -224,9 +272,21 @@ def read_prompt_metadata(path: PathLike) -> Dict[str, Any]:
 
 
 def read_prompt_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The tensors of a prompt checkpoint, checked against the checksum stored when it was
+    written (:class:`PromptChecksumError` if they differ; files without one are not checked)."""
     from safetensors.torch import load_file
 
-    return load_file(str(_normalise_path(path)))
+    path = _normalise_path(path)
+    want = read_prompt_metadata(path).get("tensor_sha256")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise PromptChecksumError(f"prompt checkpoint {str(path)!r} is damaged: its tensors cannot be read ({e})") from None
+    if want is not None and tensor_checksum(tensors) != want:
+        raise PromptChecksumError(
+            f"prompt checkpoint {str(path)!r} is damaged or was altered: its tensor data does not match the "
+            "checksum written with it. Nothing was loaded; restore the file from a copy or train it again.")
+    return tensors
 
 
 def _differences(want: Mapping[str, Any], got: Mapping[str, Any]) -> List[str]:
