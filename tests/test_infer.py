@@ -98,8 +98,11 @@ def test_infer_clear_errors(trained, tmp_path):
     infer = _infer_module()
     with pytest.raises(SystemExit, match="does not exist"):
         infer.main([str(cfg), str(tmp_path / "missing.safetensors"), "--images", str(data_root)])
-    with pytest.raises(SystemExit, match="not a prompt checkpoint"):
-        infer.main([str(cfg), str(tmp / "backbone.pth"), "--images", str(data_root)])
+    with pytest.raises(SystemExit, match="no model state_dict .*mmengine Runner checkpoint"):
+        infer.main([str(cfg), str(tmp / "backbone.pth"), "--images", str(data_root / "img_dir" / "val"),
+                    "--out-dir", str(tmp_path)])  # a plain state dict, not a Runner checkpoint
+    with pytest.raises(SystemExit, match="neither a prompt checkpoint"):
+        infer.main([str(cfg), str(tmp / "backbone.ckpt"), "--images", str(data_root)])
     with pytest.raises(SystemExit, match="images .*do not exist"):
         infer.main([str(cfg), str(prompts), "--images", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)])
     (tmp_path / "empty").mkdir()

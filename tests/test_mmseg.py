@@ -86,10 +86,80 @@ def test_test_tool_reproduces_training_eval(trained):
 
 
 def test_mmseg_own_train_script(trained, data_root):
+    """mmseg's own train.py writes only Runner checkpoints: this project's tools take them."""
     name, tmp, cfg, work, log = trained
     res = run([python(), _mmseg_train_script(), str(cfg), "--work-dir", str(tmp / "mmseg_work")], cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "promptmatch: spm on" in res.stdout + res.stderr
+    train_miou = _miou(res.stdout + res.stderr)
+    pth = tmp / "mmseg_work" / "iter_2.pth"
+    # tools/test.py reproduces the training-time mIoU from the .pth ...
+    res = run([python(), "tools/test.py", str(cfg), str(pth), "--work-dir", str(tmp / "test_pth")])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    metrics = json.loads((tmp / "test_pth" / "test_metrics.json").read_text())["metrics"]
+    assert metrics["mIoU"] == pytest.approx(train_miou, abs=0.011)
+    # ... and tools/extract_prompts.py turns it into a prompt checkpoint that holds the same weights
+    out = tmp / "extracted" / "prompts.safetensors"
+    res = run([python(), "tools/extract_prompts.py", str(cfg), str(pth), str(out)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    meta = pm.read_prompt_metadata(out)
+    assert meta["class_names"] == ["red", "green", "blue"] and meta["extra"]["extracted_from"] == str(pth)
+    import torch
+
+    from promptmatch.mmseg.checkpoints import read_runner_state_dict
+
+    state = read_runner_state_dict(pth)
+    tensors = pm.checkpoint.read_prompt_tensors(out)
+    assert tensors and all(torch.equal(v, state[k]) for k, v in tensors.items())
+    assert not any(k.startswith("backbone.") for k in tensors)
+
+
+def test_runner_checkpoint_of_another_backbone_refused(trained, tmp_path):
+    name, tmp, cfg, work, log = trained
+    if name != "upernet_r50":
+        pytest.skip("refusal is exercised once")
+    import torch
+
+    from promptmatch.mmseg.checkpoints import read_runner_state_dict
+
+    state = read_runner_state_dict(work / "iter_2.pth")  # tools/train.py's Runner checkpoint
+    key = next(k for k in state if k.startswith("backbone.") and k.endswith("conv1.weight"))
+    state[key] = state[key] + 1.0
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "other.pth")
+    res = run([python(), "tools/test.py", str(cfg), str(tmp_path / "other.pth"), "--work-dir", str(tmp_path / "t")])
+    assert res.returncode != 0
+    assert "frozen backbone differs from the config's pretrained backbone" in res.stderr, res.stderr[-2000:]
+    res = run([python(), "tools/extract_prompts.py", str(cfg), str(tmp_path / "other.pth"), str(tmp_path / "p.safetensors")])
+    assert res.returncode == 2 and "frozen backbone differs" in res.stderr
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_init_model_works_with_mmseg_inference(trained, data_root):
+    name, tmp, cfg, work, log = trained
+    if name != "upernet_r50":
+        pytest.skip("exercised once")
+    from mmseg.apis import inference_model
+
+    from promptmatch.mmseg.inference import init_model
+
+    model = init_model(str(cfg), str(work / "prompts.safetensors"), device="cpu")
+    assert model.dataset_meta["classes"] == ["red", "green", "blue"] and not model.training
+    image = data_root / "img_dir" / "val" / "0.png"
+    result = inference_model(model, str(image))
+    pred = result.pred_sem_seg.data
+    assert pred.shape[-2:] == (64, 64) and int(pred.max()) < 3
+    # the prompts are the trained ones: a model with freshly initialised heads predicts differently
+    fresh = init_model(str(cfg), None, device="cpu")
+    logits = result.seg_logits.data
+    assert not torch_allclose(inference_model(fresh, str(image)).seg_logits.data, logits)
+    with pytest.raises(pm.PromptMismatchError, match="method_config.hidden_dim"):
+        init_model(str(cfg), str(work / "prompts.safetensors"), cfg_options={"model.method_cfg.hidden_dim": 32})
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a, b))
 
 
 def test_resume(trained):

@@ -34,6 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from promptmatch.mmseg.inference import dataset_metainfo, test_dataset_cfg  # noqa: E402
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -49,7 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description="Segment images with a prompt checkpoint")
     p.add_argument("config", help="config file of the model the prompts were trained with")
-    p.add_argument("checkpoint", help="prompt checkpoint (.safetensors) written by training")
+    p.add_argument("checkpoint", help="prompt checkpoint (.safetensors) written by training, or an mmengine "
+                   "Runner checkpoint (.pth) of a prompted model")
     p.add_argument("--images", help="an image file or a folder of images (default: the config's test images)")
     p.add_argument("--out-dir", help="where to write the masks and overlays (default: work_dirs/<config>/infer)")
     p.add_argument("--opacity", type=opacity, default=0.5, help="weight of the mask in the overlay, in [0, 1]")
@@ -72,41 +75,14 @@ def find_images(path: str) -> List[Path]:
     return images
 
 
-def _test_dataset_cfg(cfg: Any) -> Optional[Dict[str, Any]]:
-    loader = cfg.get("test_dataloader") or cfg.get("val_dataloader")
-    ds = loader.get("dataset") if loader else None
-    while ds is not None and ("dataset" in ds or "datasets" in ds):
-        ds = ds["dataset"] if "dataset" in ds else (ds["datasets"][0] if ds["datasets"] else None)
-    return ds
-
-
 def default_image_dir(cfg: Any) -> Optional[str]:
     """The config's test image folder (``data_root`` / ``data_prefix.img_path``), if any."""
-    ds = _test_dataset_cfg(cfg)
+    ds = test_dataset_cfg(cfg)
     if ds is None:
         return None
     prefix = (ds.get("data_prefix") or {}).get("img_path", "")
     root = ds.get("data_root") or ""
     return osp.join(root, prefix) if (root or prefix) else None
-
-
-def dataset_metainfo(cfg: Any) -> Dict[str, Any]:
-    """Classes and palette of the config's test dataset (its class's METAINFO updated by the
-    config's ``metainfo``), read without building the dataset."""
-    from mmseg.registry import DATASETS
-
-    ds = _test_dataset_cfg(cfg)
-    if ds is None:
-        return {}
-    info: Dict[str, Any] = {}
-    try:
-        cls = DATASETS.get(ds.get("type"))
-    except Exception:  # noqa: BLE001 - unknown or unimportable dataset type: no metainfo
-        cls = None
-    if cls is not None:
-        info.update(getattr(cls, "METAINFO", {}) or {})
-    info.update(dict(ds.get("metainfo") or {}))
-    return info
 
 
 # ----------------------------------------------------------------- colours
@@ -145,51 +121,28 @@ def blend(image_rgb: np.ndarray, mask_rgb: np.ndarray, opacity: float) -> np.nda
 
 # ------------------------------------------------------------------- model
 def build_model(cfg: Any, checkpoint: str, device: str) -> Any:
-    """The config's promptmatch model with its backbone weights and the prompts loaded, in eval mode."""
-    from mmengine.logging import MMLogger, print_log
-    from mmengine.model.utils import revert_sync_batchnorm
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
+    """The config's promptmatch model with its backbone weights and the prompts loaded, in eval mode
+    (:func:`promptmatch.mmseg.init_model`); errors become messages."""
+    from mmengine.logging import print_log
 
-    from promptmatch.checkpoint import PromptMismatchError, load_prompts
+    from promptmatch.checkpoint import PromptMismatchError
+    from promptmatch.mmseg.inference import init_model
 
-    register_all_modules(init_default_scope=False)
-    init_default_scope(cfg.get("default_scope", "mmseg"))
     try:
-        model = MODELS.build(cfg.model)
-    except FileNotFoundError as err:  # e.g. promptmatch.TimmBackbone's weights file
+        model = init_model(cfg, checkpoint, device)
+    except FileNotFoundError as err:  # the backbone's weights (init_cfg, TimmBackbone's file)
         raise SystemExit(f"error: the backbone's pretrained weights are missing: {err}") from None
-    if not hasattr(model, "trainable_state_dict"):
-        raise SystemExit(f"error: the config's model ({type(model).__name__}) is not a promptmatch model")
-    model.cfg = cfg
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # init_weights logs one line per parameter
-    try:
-        model.init_weights()  # the frozen backbone's pretrained weights; heads are replaced below
-    except FileNotFoundError as err:  # an init_cfg checkpoint that is not there
-        raise SystemExit(f"error: the backbone's pretrained weights are missing: {err}") from None
-    finally:
-        logger.setLevel(level)
-    if getattr(model, "class_names", None) is None:
-        classes = dataset_metainfo(cfg).get("classes")
-        if classes is not None and len(classes) == model.num_classes:
-            model.class_names = list(classes)
-    try:
-        load_prompts(model, checkpoint)
-    except PromptMismatchError as err:
+    except (PromptMismatchError, TypeError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     print_log(f"promptmatch: prompts loaded from {checkpoint}", logger="current", level=logging.INFO)
-    model = revert_sync_batchnorm(model)  # SyncBN needs a process group; inference does not
-    return model.to(device).eval()
+    return model
 
 
 def build_pipeline(cfg: Any) -> Any:
     """The config's test pipeline for in-memory images, without annotation loading."""
     from mmengine.dataset import Compose
 
-    ds = _test_dataset_cfg(cfg)
+    ds = test_dataset_cfg(cfg)
     steps = list((ds or {}).get("pipeline") or cfg.get("test_pipeline") or [])
     kept = []
     for step in steps:
@@ -235,19 +188,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from promptmatch.checkpoint import read_prompt_metadata
 
-    if not args.checkpoint.endswith(".safetensors"):
+    if not args.checkpoint.endswith((".safetensors", ".pth")):
         raise SystemExit(
-            f"error: {args.checkpoint!r} is not a prompt checkpoint (.safetensors); training writes "
-            "<work_dir>/prompts.safetensors"
+            f"error: {args.checkpoint!r} is neither a prompt checkpoint (.safetensors; training writes "
+            "<work_dir>/prompts.safetensors) nor an mmengine Runner checkpoint (.pth)"
         )
     if not osp.isfile(args.checkpoint):
-        raise SystemExit(f"error: prompt checkpoint {args.checkpoint!r} does not exist")
+        raise SystemExit(f"error: checkpoint {args.checkpoint!r} does not exist")
     if not osp.isfile(args.config):
         raise SystemExit(f"error: config {args.config!r} does not exist")
-    try:
-        meta = read_prompt_metadata(args.checkpoint)  # fails early on a foreign file
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    meta = {}
+    if args.checkpoint.endswith(".safetensors"):
+        try:
+            meta = read_prompt_metadata(args.checkpoint)  # fails early on a foreign file
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
