@@ -8,6 +8,8 @@ the replaced features are what the next stage receives.
 from __future__ import annotations
 
 import logging
+import math
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -100,6 +102,57 @@ def _token_stride(length: int, size: Tuple[int, int]) -> int:
     raise ValueError(f"cannot tell the stride of {length} tokens for a {h}x{w} input")
 
 
+def _describe_output(out) -> str:
+    """What a module returned, in words: 'a list of 2 tensors', 'a dict with keys [...]', 'None'."""
+    if out is None:
+        return "None"
+    if isinstance(out, (list, tuple)):
+        kind = type(out).__name__
+        if out and all(isinstance(o, torch.Tensor) for o in out):
+            return f"a {kind} of {len(out)} tensor{'s' if len(out) != 1 else ''}"
+        return f"a {kind} of {len(out)} item{'s' if len(out) != 1 else ''} ({', '.join(type(o).__name__ for o in out[:4])}{', ...' if len(out) > 4 else ''})"
+    if isinstance(out, dict):
+        return f"a {type(out).__name__} with keys {list(out)[:6]}"
+    return f"a {type(out).__name__}"
+
+
+def _not_one_tensor_error(model: nn.Module, name: str, out) -> ValueError:
+    """The build-time error for a stage module whose output is not one tensor."""
+    try:
+        kind = type(model.get_submodule(name)).__name__
+    except AttributeError:  # pragma: no cover - names are checked before
+        kind = "module"
+    return ValueError(
+        f"stage module {name!r} ({kind} in {type(model).__name__}) returns {_describe_output(out)}, not one "
+        "tensor, so it cannot end a stage: the matcher replaces a stage's output tensor. Give "
+        "stage_modules=[...] naming modules that each return one tensor (e.g. one module per branch "
+        f"inside {name!r}; see model.named_modules()). Multi-branch backbones get such stages by default "
+        "(stage_modules=None) for timm's HighResolutionNet (its incre_modules) and mmseg's HRNet (the "
+        "branches of its last module)."
+    )
+
+
+def _feature_module_aliases(model: nn.Module) -> Dict[str, str]:
+    """``feature_info`` module names that do not name the module producing the feature -> the one that does.
+
+    timm's HighResolutionNet lists its four branch features as 'stage1'..'stage4' (taken after the
+    channel-increasing ``incre_modules``); its modules 'stage2'..'stage4' are the multi-branch stages
+    and return lists. The features are the outputs of ``incre_modules.<i>``, one tensor each.
+    """
+    hrnet = sys.modules.get("timm.models.hrnet")  # imported already if the model is one
+    cls = getattr(hrnet, "HighResolutionNet", None)
+    if cls is None:
+        return {}
+    aliases: Dict[str, str] = {}
+    for prefix, mod in model.named_modules():
+        incre = getattr(mod, "incre_modules", None)
+        if isinstance(mod, cls) and isinstance(incre, nn.ModuleList):
+            p = f"{prefix}." if prefix else ""
+            for i in range(len(incre)):
+                aliases[f"{p}stage{i + 1}"] = f"{p}incre_modules.{i}"
+    return aliases
+
+
 class StagedBackbone:
     """Stage boundaries of a frozen backbone, with read/replace access to their features.
 
@@ -164,6 +217,9 @@ class StagedBackbone:
             by_module = {f["module"]: f for f in info}
         elif info is not None and hasattr(info, "info"):  # timm FeatureInfo object
             by_module = {f["module"]: f for f in info.info}
+        aliases = _feature_module_aliases(model) if by_module else {}
+        if aliases:
+            by_module = {aliases.get(k, k): dict(f, module=aliases.get(k, k)) for k, f in by_module.items()}
 
         if stage_modules is not None:
             names = list(stage_modules)
@@ -180,7 +236,8 @@ class StagedBackbone:
                 f = by_module.get(n, {})
                 stages.append(Stage(i, n, int(f.get("num_chs", 0)), int(f.get("reduction", 0))))
             if any(s.channels <= 0 or s.reduction <= 0 for s in stages):
-                stages = self._probe_stages(stages)
+                return tuple(self._probe_stages(stages))
+            self._probe(stages, strict=False)
             return tuple(stages)
 
         if not by_module:
@@ -212,35 +269,103 @@ class StagedBackbone:
                 )
             kept = [f for f in entries if int(f["reduction"]) >= min_reduction]
             entries = kept or entries[-1:]
-        return tuple(
-            Stage(i, f["module"], int(f["num_chs"]), int(f["reduction"])) for i, f in enumerate(entries)
-        )
+        stages = [Stage(i, f["module"], int(f["num_chs"]), int(f["reduction"])) for i, f in enumerate(entries)]
+        self._probe(stages, strict=False)
+        return tuple(stages)
 
-    def _probe_stages(self, stages: List[Stage]) -> List[Stage]:
-        """Find channels and strides of hand-named stages by one small forward pass."""
-        size = self.fixed_img_size or self.probe_size
-        outs: Dict[str, torch.Tensor] = {}
-        hooks = []
-        for s in stages:
-            mod = self.model.get_submodule(s.module)
-            hooks.append(mod.register_forward_hook(lambda m, a, o, name=s.module: outs.__setitem__(name, o)))
+    def _probe_sizes(self, stages: Sequence[Stage], strict: bool) -> List[Tuple[int, int]]:
+        """Input sizes the build-time probe tries, in order."""
+        if self.fixed_img_size is not None:
+            return [self.fixed_img_size]
+        if strict or any(s.reduction <= 0 for s in stages):
+            return [self.probe_size]
+        # strides are known: a small input (a multiple of the largest stride and of the patch)
+        # is enough to see what each stage module returns, and costs little
+        step = max(s.reduction for s in stages)
+        if self.patch_size is not None:
+            step = math.lcm(step, *self.patch_size)
+        side = step * max(2, -(-64 // step))  # at least 64 px and two cells of the largest stride
+        small = (side, side)
+        return [small] if small == self.probe_size else [small, self.probe_size]
+
+    def _probe(self, stages: Sequence[Stage], strict: bool = True) -> Dict[str, object]:
+        """A no-grad forward pass at build time that records what each stage module returns.
+
+        A stage module that returns anything but one 3-d or 4-d tensor (a list of branch maps,
+        a tuple, a dict) is refused here, when the model is built, with a :class:`ValueError`
+        that says what it returned and what to do, instead of at the first forward. The pass
+        stops once every stage module has run. With ``strict=False`` (stages from
+        ``feature_info``, channels and strides already known) the pass runs on a small input
+        first (then on ``probe_size``), and a pass that fails for another reason (an input
+        size this model cannot take) is not an error; the stages seen before it are checked.
+        """
+        outs: Dict[str, object] = {}
+        wanted = {s.module for s in stages}
+
+        def record(name: str):
+            def hook(module, args, output):
+                outs.setdefault(name, output)
+                if len(outs) == len(wanted):
+                    raise _StopForward()
+
+            return hook
+
+        hooks = [self.model.get_submodule(n).register_forward_hook(record(n)) for n in wanted]
         was_training = self.model.training
         self.model.eval()
+        failure: Optional[BaseException] = None
         try:
-            with torch.no_grad():
-                ref = next(iter(self.model.parameters()), None)
+            ref = next(iter(self.model.parameters()), None)
+            fwd = getattr(self.model, "forward_features", self.model)
+            for size in self._probe_sizes(stages, strict):
+                outs.clear()
+                failure = None
                 x = torch.zeros(1, 3, *size) if ref is None else torch.zeros(1, 3, *size, device=ref.device, dtype=ref.dtype)
-                fwd = getattr(self.model, "forward_features", self.model)
-                fwd(x)
+                try:
+                    with torch.no_grad():
+                        fwd(x)
+                except _StopForward:
+                    pass
+                except Exception as e:  # checked below: a multi-output stage seen before it is the clearer error
+                    failure = e
+                    _logger.debug("probe forward pass of %s at %s failed: %r", type(self.model).__name__, size, e)
+                if failure is None or any(not isinstance(o, torch.Tensor) for o in outs.values()):
+                    break
         finally:
             for h in hooks:
                 h.remove()
             self.model.train(was_training)
+        for s in stages:
+            if s.module not in outs:
+                continue
+            out = outs[s.module]
+            if not isinstance(out, torch.Tensor):
+                raise _not_one_tensor_error(self.model, s.module, out)
+            if out.ndim not in (3, 4):
+                raise ValueError(
+                    f"stage module {s.module!r} returns a {out.ndim}-d tensor {tuple(out.shape)}; a stage must "
+                    "end at a module returning tokens (N, L, C) or a map (N, C, H, W) / (N, H, W, C)"
+                )
+        if failure is not None:
+            if strict:
+                raise failure
+            return outs
+        missing = [s.module for s in stages if s.module not in outs]
+        if missing:
+            raise ValueError(
+                f"a forward pass of {type(self.model).__name__} never runs the stage modules {missing}; "
+                "name modules that its forward_features (or forward) calls"
+            )
+        return outs
+
+    def _probe_stages(self, stages: List[Stage]) -> List[Stage]:
+        """Find channels and strides of hand-named stages by one small forward pass."""
+        size = self.fixed_img_size or self.probe_size
+        outs = self._probe(stages, strict=True)
         probed = []
         for s in stages:
-            out = outs.get(s.module)
-            if not isinstance(out, torch.Tensor):
-                raise ValueError(f"stage module {s.module!r} did not return a tensor in a forward pass")
+            out = outs[s.module]
+            assert isinstance(out, torch.Tensor)
             if out.ndim == 4:
                 hw = out.shape[2:] if self.native_fmt != "NHWC" else out.shape[1:3]
                 ch = out.shape[1] if self.native_fmt != "NHWC" else out.shape[3]
@@ -248,8 +373,6 @@ class StagedBackbone:
             elif out.ndim == 3:
                 ch = out.shape[2]
                 red = _token_stride(out.shape[1], size)
-            else:
-                raise ValueError(f"stage module {s.module!r} returned a {out.ndim}-d tensor; expected 3-d or 4-d")
             probed.append(Stage(s.index, s.module, int(ch), int(red)))
         return probed
 
@@ -384,11 +507,8 @@ class StagedBackbone:
             run = self._run
             if run is None:
                 return None
-            if not isinstance(output, torch.Tensor):
-                raise RuntimeError(
-                    f"stage module {self.stages[index].module!r} returned {type(output).__name__}; "
-                    "stage boundaries must be modules that return one tensor"
-                )
+            if not isinstance(output, torch.Tensor):  # normally refused at build time (probe)
+                raise RuntimeError(str(_not_one_tensor_error(self.model, self.stages[index].module, output)))
             fmap, back = self._to_map(index, output, run.height, run.width)
             replaced = None
             if run.callback is not None:

@@ -274,6 +274,12 @@ def test_tampered_tensor_shapes_refused(saved, tmp_path):
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     model = pm.create_segmentor(vit(), "spm", 4, "linear", class_names=list("abcd"))
+    with pytest.raises(pm.PromptChecksumError, match="damaged or was altered"):
+        pm.load_prompts(model, bad)  # the stored checksum no longer fits the tensors
+    # with a consistent checksum (a file made by other code) the shapes are still checked
+    record = json.loads(meta["promptmatch"])
+    record["tensor_sha256"] = pm.checkpoint.tensor_checksum(tensors)
+    save_file(tensors, str(bad), metadata={"promptmatch": json.dumps(record)})
     with pytest.raises(pm.PromptMismatchError, match="shape mismatches"):
         pm.load_prompts(model, bad)
 

@@ -31,7 +31,7 @@ __all__ = ["PromptEncoderDecoder", "default_stage_modules", "SUPPORTED_BACKBONES
 
 SUPPORTED_BACKBONES = (
     "ResNet", "ResNetV1c", "ResNetV1d", "VisionTransformer", "BEiT", "MAE", "SwinTransformer",
-    "MixVisionTransformer", "promptmatch.TimmBackbone",
+    "MixVisionTransformer", "HRNet", "promptmatch.TimmBackbone",
 )
 
 
@@ -67,6 +67,12 @@ def default_stage_modules(
         return [f"stages.{i}.blocks.{len(s.blocks) - 1}" for i, s in enumerate(backbone.stages)], size
     if name == "MixVisionTransformer":
         return [f"layers.{i}.2" for i in range(len(backbone.layers))], (224, 224)
+    if name == "HRNet":
+        # its stages return lists of branch maps; the stage ends are the branches of the last
+        # HRModule (one tensor each, strides 4..32), before its fuse layers mix them into the
+        # maps the backbone returns
+        last = len(backbone.stage4) - 1
+        return [f"stage4.{last}.branches.{i}" for i in range(len(backbone.stage4[last].branches))], (224, 224)
     raise ValueError(
         f"promptmatch does not know how to split the mmseg backbone {name!r} into stages. "
         f"Supported types: {', '.join(SUPPORTED_BACKBONES)}. For another backbone, give the "
