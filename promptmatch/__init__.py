@@ -14,6 +14,7 @@ from .checkpoint import (
     read_prompt_metadata,
     save_prompts,
 )
+from .core import PromptCheckpointable
 from .divergence import DivergenceError, DivergenceGuard, NonFiniteError
 from .decoders import LinearDecoder, MultiLevelDecoder, list_decoders
 from .methods import (
@@ -43,6 +44,7 @@ __all__ = [
     "create_segmentor",
     "create_backbone",
     "PromptSegmentor",
+    "PromptCheckpointable",
     "PromptBank",
     "save_prompts",
     "load_prompts",

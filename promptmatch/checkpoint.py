@@ -204,8 +204,11 @@ def describe_model(
 
 
 def _metadata(model: nn.Module, extra: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    if not hasattr(model, "describe"):
-        raise TypeError(f"save_prompts needs a PromptSegmentor, got {type(model).__name__}")
+    from .core import PromptCheckpointable
+
+    if not isinstance(model, PromptCheckpointable):
+        raise TypeError(f"save_prompts needs a prompted model (PromptSegmentor, PromptEncoderDecoder: "
+                        f"see promptmatch.core.PromptCheckpointable), got {type(model).__name__}")
     meta = {"format_version": FORMAT_VERSION, "library": "promptmatch", "library_version": __version__}
     meta.update(model.describe())
     if extra:

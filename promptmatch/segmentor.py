@@ -9,17 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_backbone
-from .checkpoint import backbone_architecture, describe_model, trainable_state_dict
+from .checkpoint import backbone_architecture, describe_model
+from .core import PromptedCore
 from .decoders import DECODERS, build_decoder, list_decoders
-from .methods import MethodConfig, build_method, get_method, interim_losses
-from .staging import StagedBackbone, stage_backbone
+from .methods import MethodConfig, get_method, interim_losses
+from .staging import StagedBackbone
 
 __all__ = ["PromptSegmentor", "create_segmentor"]
 
 _logger = logging.getLogger(__name__)
 
 
-class PromptSegmentor(nn.Module):
+class PromptSegmentor(PromptedCore, nn.Module):
     """Semantic segmentation with a frozen, staged backbone.
 
     ``backbone`` is the original model (its state_dict keys unchanged); ``method`` holds the
@@ -55,60 +56,22 @@ class PromptSegmentor(nn.Module):
         self.backbone = backbone
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; available decoders: {list_decoders()}")
-        method_cls = get_method(method)
-        newly_staged = getattr(backbone, "_promptmatch_staged", None) is None
-        staged = stage_backbone(
-            backbone, stage_modules=stage_modules, num_stages=num_stages, freeze=method_cls.freezes_backbone
-        )
-        if staged.frozen != method_cls.freezes_backbone:
-            raise ValueError(
-                f"method {method!r} {'freezes' if method_cls.freezes_backbone else 'trains'} the backbone, but "
-                "this backbone is shared with a segmentor that does the opposite"
-            )
-        object.__setattr__(self, "staged", staged)  # plain attribute, not a submodule
-        try:
-            self.method_name = method
-            self.method = build_method(method, staged.stages, num_classes, method_cfg)
-            self.method.attach(backbone)
+        get_method(method)  # an unknown name fails before the backbone is touched
+
+        def build_head() -> None:
             self.decoder_name = decoder
             self.decoder_cfg = dict(decoder_cfg or {})
-            self.decode_head = build_decoder(decoder, staged.stages, num_classes, self.decoder_cfg)
-        except Exception:
-            if newly_staged:
-                staged.remove()
-            raise
+            self.decode_head = build_decoder(decoder, self.staged.stages, num_classes, self.decoder_cfg)
+
+        self._init_prompted(backbone, method, num_classes, method_cfg, stage_modules=stage_modules,
+                            num_stages=num_stages, then=build_head)
 
     staged: StagedBackbone
-
-    # ---------------------------------------------------------------- modes
-    def train(self, mode: bool = True) -> "PromptSegmentor":
-        super().train(mode)
-        self.staged.keep_frozen()
-        return self
-
-    def param_groups(self, lr: float, weight_decay: float = 0.0) -> List[Dict[str, Any]]:
-        """Optimiser parameter groups of the trainable parameters: trainable backbone
-        parameters at ``lr * method.backbone_lr_mult``, the rest at ``lr``."""
-        backbone_ids = {id(p) for p in self.backbone.parameters()}
-        groups = [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad],
-             "lr": lr * self.method.backbone_lr_mult, "weight_decay": weight_decay, "name": "backbone"},
-            {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids],
-             "lr": lr, "weight_decay": weight_decay, "name": "prompts_and_head"},
-        ]
-        return [g for g in groups if g["params"]]
 
     # -------------------------------------------------------------- forward
     def forward_features(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
         """Boundary features after the method acted on them, and the method's per-pass state."""
-        state = self.method.init_state()
-        method = self.method
-        feats = self.staged.forward(
-            images,
-            on_boundary=lambda i, f: method.boundary(i, f, state),
-            autograd_from_start=method.trains_inside_backbone,
-        )
-        return feats, state
+        return self.prompted_features(images)
 
     def _decode(self, feats: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         logits = self.decode_head(feats)
@@ -165,10 +128,6 @@ class PromptSegmentor(nn.Module):
         return self.forward(images).argmax(1)
 
     # ------------------------------------------------------------- identity
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """What a prompt checkpoint holds: every entry of the state_dict except frozen backbone weights."""
-        return trainable_state_dict(self)
-
     def describe(self) -> Dict[str, Any]:
         """Everything a prompt checkpoint must agree with to be loaded onto this model."""
         return describe_model(

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from mmengine.runner import Runner
 
     from promptmatch.checkpoint import PromptMismatchError, read_prompt_metadata
+    from promptmatch.core import PromptCheckpointable
     from promptmatch.mmseg.checkpoints import load_prompts_or_runner_checkpoint
     from promptmatch.mmseg.hooks import unwrap_model
     from promptmatch.mmseg.runtime import check_data_roots, load_config, prepare_distributed
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     prepare_distributed(cfg, args.launcher)
     runner = Runner.from_cfg(cfg)
     model = unwrap_model(runner.model)
-    if not hasattr(model, "trainable_state_dict"):
+    if not isinstance(model, PromptCheckpointable):
         raise SystemExit(f"error: the config's model ({type(model).__name__}) is not a promptmatch model")
     model.init_weights()  # the frozen backbone's pretrained weights (init_cfg); heads are replaced below
     if getattr(model, "class_names", None) is None:

@@ -11,6 +11,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
 from ..checkpoint import save_prompts
+from ..core import PromptCheckpointable
 from ..divergence import NonFiniteError
 from ..registry import HOOKS
 
@@ -63,7 +64,7 @@ class PromptCheckpointHook(Hook):
 
     def _save(self, runner, path: Optional[str], iteration: int) -> None:
         model = unwrap_model(runner.model)
-        if not is_main_process() or not hasattr(model, "trainable_state_dict"):
+        if not is_main_process() or not isinstance(model, PromptCheckpointable):
             return  # only rank 0 writes; plain (non-prompted) models have no prompt checkpoint
         extra = {"iter": iteration, "work_dir": str(runner.work_dir)}
         cfg_file = getattr(runner.cfg, "filename", None)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Union
 
 from torch import nn
 
+from ..core import PromptCheckpointable
 from .checkpoints import load_prompts_or_runner_checkpoint
 
 __all__ = ["init_model", "build_prompted_model", "dataset_metainfo", "test_dataset_cfg"]
@@ -65,7 +66,7 @@ def build_prompted_model(cfg: Any) -> nn.Module:
     register_all_modules(init_default_scope=False)
     init_default_scope(cfg.get("default_scope", "mmseg"))
     model = MODELS.build(cfg.model)
-    if not hasattr(model, "trainable_state_dict"):
+    if not isinstance(model, PromptCheckpointable):
         raise TypeError(f"the config's model ({type(model).__name__}) is not a promptmatch model; add "
                         "model = dict(type='promptmatch.PromptEncoderDecoder') to the config")
     logger = MMLogger.get_current_instance()

@@ -11,7 +11,6 @@ interim-map losses join the decode and auxiliary losses.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -20,12 +19,12 @@ from mmengine.logging import print_log
 from mmseg.models.segmentors import EncoderDecoder
 from torch import Tensor, nn
 
-from ..checkpoint import backbone_architecture, describe_model, trainable_state_dict
+from ..checkpoint import backbone_architecture, describe_model
+from ..core import PromptedCore
 from ..divergence import DivergenceError, DivergenceGuard, check_max_bad_steps
-from ..methods import build_method, get_method, interim_losses
+from ..methods import get_method, interim_losses
 from ..report import parameter_report
 from ..registry import MODELS
-from ..staging import stage_backbone
 
 __all__ = ["PromptEncoderDecoder", "default_stage_modules", "SUPPORTED_BACKBONES"]
 
@@ -82,7 +81,7 @@ def default_stage_modules(
 
 
 @MODELS.register_module()
-class PromptEncoderDecoder(EncoderDecoder):
+class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
     """An mmseg ``EncoderDecoder`` whose backbone is frozen and prompt-tuned.
 
     Args (besides those of ``EncoderDecoder``):
@@ -125,28 +124,22 @@ class PromptEncoderDecoder(EncoderDecoder):
             names, probe = default_stage_modules(self.backbone, num_stages)
         else:
             names, probe = list(stage_modules), (224, 224)
-        staged = stage_backbone(
-            self.backbone,
-            stage_modules=names,
-            num_stages=num_stages if names is None else None,
-            probe_size=probe,
-            freeze=method_cls.freezes_backbone,
-        )
-        if num_stages is not None and len(staged.stages) != num_stages:
-            raise ValueError(
-                f"num_stages={num_stages} on the model, but the backbone is already split into "
-                f"{len(staged.stages)} stages; set num_stages on the backbone "
-                "(promptmatch.TimmBackbone(num_stages=...)) instead"
-            )
-        if method_cls.freezes_backbone:
-            staged.freeze()
-        object.__setattr__(self, "staged", staged)
-        self.method_name = method
-        stages = staged.stages
-        if is_timm:  # the method acts on the timm model itself: stage names relative to it
-            stages = tuple(dataclasses.replace(st, module=st.module[len("model."):]) for st in stages)
-        self.method = build_method(method, stages, self.num_classes, dict(method_cfg or {}))
-        self.method.attach(self.backbone.model if is_timm else self.backbone)
+
+        def check_stage_count() -> None:
+            if num_stages is not None and len(self.staged.stages) != num_stages:
+                raise ValueError(
+                    f"num_stages={num_stages} on the model, but the backbone is already split into "
+                    f"{len(self.staged.stages)} stages; set num_stages on the backbone "
+                    "(promptmatch.TimmBackbone(num_stages=...)) instead"
+                )
+
+        # the method acts on the timm model itself for a TimmBackbone: stage names relative to it
+        self._init_prompted(self.backbone, method, self.num_classes, dict(method_cfg or {}), stage_modules=names,
+                            num_stages=num_stages if names is None else None, probe_size=probe,
+                            method_root=self.backbone.model if is_timm else None,
+                            method_prefix="model." if is_timm else "", then=check_stage_count,
+                            adopt_unfrozen=is_timm)
+        staged = self.staged
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = int(getattr(self.decode_head, "ignore_index", 255))
         self.divergence_guard = DivergenceGuard(
@@ -155,7 +148,6 @@ class PromptEncoderDecoder(EncoderDecoder):
                  "with model.max_bad_steps=N",
             log=_log_warning)
         self._guarded_step = False
-        self._trainable_buffer_names: Optional[set] = None
         rep = parameter_report(self)
         print_log(
             f"promptmatch: {method} on {type(self.backbone).__name__} stages "
@@ -166,11 +158,6 @@ class PromptEncoderDecoder(EncoderDecoder):
         )
 
     # ---------------------------------------------------------------- modes
-    def train(self, mode: bool = True) -> "PromptEncoderDecoder":
-        super().train(mode)
-        self.staged.keep_frozen()
-        return self
-
     def init_weights(self) -> None:
         super().init_weights()
         self.staged.keep_frozen()  # whatever an init_cfg did, a frozen backbone stays in eval
@@ -197,25 +184,9 @@ class PromptEncoderDecoder(EncoderDecoder):
                 step=it, loss=float(parsed), lr=None, skipped=[], reason="loss")
         return parsed, log_vars
 
-    def trainable_parameters(self) -> List[nn.Parameter]:
-        """The parameters that train (matchers, heads, neck; the backbone too for ``full``)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_buffers(self) -> List[Tensor]:
-        """The buffers that training changes (BatchNorm statistics of heads and matchers)."""
-        if self._trainable_buffer_names is None:
-            self._trainable_buffer_names = set(self.trainable_state_dict())
-        return [b for n, b in self.named_buffers() if n in self._trainable_buffer_names]
-
     # -------------------------------------------------------------- forward
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
-        state = self.method.init_state()
-        method = self.method
-        with self.staged.session(
-            inputs,
-            on_boundary=lambda i, f: method.boundary(i, f, state),
-            autograd_from_start=method.trains_inside_backbone,
-        ):
+        with self.prompted_session(inputs) as state:
             x = self.backbone(inputs)
         return x, state
 
@@ -239,10 +210,6 @@ class PromptEncoderDecoder(EncoderDecoder):
         return losses
 
     # ------------------------------------------------------------- identity
-    def trainable_state_dict(self) -> Dict[str, Tensor]:
-        """Every state_dict entry except frozen backbone weights (matchers, heads, neck)."""
-        return trainable_state_dict(self)
-
     def describe(self) -> Dict[str, Any]:
         aux = self.auxiliary_head if self.with_auxiliary_head else None
         if isinstance(aux, nn.ModuleList):

@@ -1,0 +1,37 @@
+"""The prompted core both segmentors share: the checkpoint interface, and a failed
+construction leaving the backbone as it was given."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import promptmatch as pm
+
+from conftest import make_backbone
+
+
+@pytest.mark.parametrize("method", ["spm", "bitfit", "full", "vpt", "adaptformer"])
+def test_failed_construction_leaves_the_backbone_as_given(method):
+    backbone = make_backbone("test_vit", {})
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in backbone.named_parameters()}
+    modules = {n for n, _ in backbone.named_modules()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in backbone.modules())
+    with pytest.raises(ValueError, match="bad decoder_cfg"):  # fails after staging and attaching the method
+        pm.create_segmentor(backbone, method, 4, "multilevel", decoder_cfg={"no_such_option": 1})
+    assert getattr(backbone, "_promptmatch_staged", None) is None
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in backbone.modules()) == hooks
+    assert {n for n, _ in backbone.named_modules()} == modules
+    for n, p in backbone.named_parameters():
+        assert p.requires_grad == before[n][0] and torch.equal(p, before[n][1]), n
+    # and it can be prompted afterwards as if nothing had happened
+    model = pm.create_segmentor(backbone, method, 4, "linear")
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_checkpoint_interface_is_declared(tmp_path):
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 4)
+    assert isinstance(model, pm.PromptCheckpointable)
+    assert not isinstance(nn.Linear(2, 2), pm.PromptCheckpointable)
+    with pytest.raises(TypeError, match="needs a prompted model .*PromptCheckpointable.*Linear"):
+        pm.save_prompts(nn.Linear(2, 2), tmp_path / "x.safetensors")
