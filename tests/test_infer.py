@@ -2,7 +2,6 @@
 an overlay per image (single file and folder), with the dataset's palette; clear errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -12,16 +11,16 @@ import pytest
 pytest.importorskip("mmseg")
 pytestmark = pytest.mark.slow
 
-from mmseg_utils import REPO, make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
+from mmseg_utils import make_tiny_dataset, python, run, write_backbone_weights, write_configs  # noqa: E402
 
 PALETTE = np.array([[220, 40, 40], [40, 200, 60], [40, 60, 220]], dtype=np.uint8)  # the tiny dataset's
 
 
 def _infer_module():
-    spec = importlib.util.spec_from_file_location("promptmatch_infer_tool", REPO / "tools" / "infer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The tool's library module (tools/infer.py is a thin wrapper around it)."""
+    import promptmatch.mmseg.cli.infer as infer
+
+    return infer
 
 
 @pytest.fixture(scope="module")
