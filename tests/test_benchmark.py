@@ -246,3 +246,28 @@ def test_latency_tool_writes_side_by_side_ratios(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("linear ")]
     for label, r in rows.items():
         assert any(label in line and f"x{r['ratio_to_frozen']:.2f}" in line for line in lines), (label, lines)
+
+
+def test_shards_cover_the_grid_and_merge(tmp_path):
+    spec = bm.validate_spec({**TINY, "seeds": [0, 1, 2]})
+    grid = [c.key for c in bm.expand_grid(spec)]
+    assert len(grid) == 6
+    a = bm.run_benchmark(spec, tmp_path / "a", progress=False, report=False, isolate=False, shard=(0, 2))
+    b = bm.run_benchmark(spec, tmp_path / "b", progress=False, report=False, isolate=False, shard=(1, 2))
+    ka, kb = {r["key"] for r in a}, {r["key"] for r in b}
+    assert len(ka) == len(kb) == 3 and not ka & kb and ka | kb == set(grid)
+    assert ka == set(grid[0::2])
+    assert bm.main(["--out", str(tmp_path / "all"), "--report-only", "--merge", str(tmp_path / "a"),
+                    str(tmp_path / "b")]) == 0
+    merged = bm.ResultStore(tmp_path / "all" / "results.jsonl").load()
+    assert sorted(r["key"] for r in merged) == sorted(grid)
+    report = (tmp_path / "all" / "report.md").read_text()
+    assert "6 cells recorded" in report and "## Rankings of methods" in report
+    # merging again adds nothing
+    assert bm.merge_results(tmp_path / "all", [tmp_path / "a", tmp_path / "b"]) == 0
+    # bad arguments are refused with a message
+    assert bm.main(["--spec", "x.json", "--shard", "2/2"]) == 2
+    assert bm.main(["--out", str(tmp_path / "all"), "--merge", str(tmp_path / "a")]) == 2
+    assert bm.main(["--out", str(tmp_path / "all"), "--report-only", "--merge", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(ValueError, match="0 <= k < n"):
+        bm.run_benchmark(spec, tmp_path / "c", shard=(3, 2))

@@ -26,7 +26,7 @@ from .cell import RECORD_VERSION, error_record, run_cell, run_cell_in_child
 from .cli import main
 from .report import _diverged_section, _rankings, _relative_section, _tau  # noqa: F401 (used by tests)
 from .report import aggregate, kendall_tau_b, write_report
-from .runner import run_benchmark
+from .runner import merge_results, run_benchmark
 from .spec import (
     EFFICIENTNET_LITE0_WEIGHTS,
     PROFILE_DIR,
@@ -66,6 +66,7 @@ __all__ = [
     "run_cell_in_child",
     "error_record",
     "run_benchmark",
+    "merge_results",
     "aggregate",
     "kendall_tau_b",
     "write_report",

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from .cell import run_cell
 from .report import write_report
-from .runner import run_benchmark
+from .runner import merge_results, run_benchmark
 from .spec import SpecError, expand_grid, list_profiles, load_spec, profile_path, settings_label
 from .store import BenchmarkLockedError
 
@@ -31,6 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--max-cells", type=int, default=None, help="run at most this many new cells, then stop")
     ap.add_argument("--retry-errors", action="store_true", help="run cells recorded as failed again")
     ap.add_argument("--report-only", action="store_true", help="only (re)write report.md and plots from results.jsonl")
+    ap.add_argument("--merge", nargs="+", metavar="DIR", help="with --report-only: first add the results of these "
+                    "output folders (e.g. the shards of one grid) to --out's results.jsonl")
+    ap.add_argument("--shard", help="K/N: run only every N-th cell of the grid starting at K (0 <= K < N), so N "
+                    "machines share a grid, each with its own --out; join them with --report-only --merge")
     ap.add_argument("--list", action="store_true", help="list the cells of the grid and exit")
     ap.add_argument("--validate", action="store_true", help="validate the spec and exit")
     ap.add_argument("--list-profiles", action="store_true", help="list the profiles shipped with promptmatch and exit")
@@ -52,6 +56,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in list_profiles():
             print(f"{name:12s} {profile_path(name)}")
         return 0
+    shard = None
+    if args.shard is not None:
+        try:
+            k, n = (int(v) for v in args.shard.split("/"))
+            if not 0 <= k < n:
+                raise ValueError
+        except ValueError:
+            print(f"error: --shard takes K/N with 0 <= K < N (e.g. 0/4), got {args.shard!r}", file=sys.stderr)
+            return 2
+        shard = (k, n)
+    if args.merge and not (args.report_only and args.out):
+        print("error: --merge goes with --report-only and --out (the folder that receives the merged results)",
+              file=sys.stderr)
+        return 2
+    if args.report_only and args.out and args.merge:
+        try:
+            added = merge_results(args.out, args.merge)
+        except (FileNotFoundError, BenchmarkLockedError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"merged {added} record(s) from {len(args.merge)} folder(s) into {Path(args.out) / 'results.jsonl'}")
     if args.report_only and args.out and not (args.profile or args.spec):
         print(f"wrote {write_report(args.out)}")
         return 0
@@ -66,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{spec.name}: valid; {len(cells)} cells ({len(spec.methods)} methods x {len(spec.backbones)} backbones "
               f"x {len(spec.datasets)} datasets x {len(spec.settings)} settings x {len(spec.seeds)} seeds)")
         if args.list:
-            for c in cells:
+            for c in (cells if shard is None else cells[shard[0]::shard[1]]):
                 print(f"  {c.method:12s} {c.backbone['name']:24s} {c.dataset['name']:16s} "
                       f"{settings_label(c.settings):40s} seed {c.seed}")
         return 0
@@ -76,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         written = run_benchmark(spec, out, max_cells=args.max_cells, retry_errors=args.retry_errors,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, shard=shard)
     except BenchmarkLockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

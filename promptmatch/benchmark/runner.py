@@ -7,21 +7,21 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .cell import error_record, run_cell, run_cell_in_child
 from .report import write_report
 from .spec import BenchmarkSpec, expand_grid, settings_label
 from .store import OutputLock, ResultStore
 
-__all__ = ["run_benchmark"]
+__all__ = ["run_benchmark", "merge_results"]
 
 _logger = logging.getLogger(__name__)
 
 
 def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: Optional[int] = None,
                   retry_errors: bool = False, progress: bool = True, report: bool = True,
-                  isolate: bool = True) -> List[Dict[str, Any]]:
+                  isolate: bool = True, shard: Optional[Tuple[int, int]] = None) -> List[Dict[str, Any]]:
     """Run every unfinished cell of ``spec`` (each in a child process), appending to ``<out>/results.jsonl``.
 
     Args:
@@ -30,6 +30,9 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
         report: write ``report.md`` and the plots at the end.
         isolate: run each cell in a child process (default). ``False`` runs cells in this
             process (fast, for tests); their CPU peak memory is then not per cell.
+        shard: ``(k, n)``: only the cells at positions k, k + n, k + 2n, ... of the grid
+            (:func:`expand_grid`'s order), so n machines or GPUs share a grid, each with its
+            own ``out``; :func:`merge_results` joins their folders.
 
     Returns:
         The records written by this call.
@@ -37,19 +40,50 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
     Raises:
         BenchmarkLockedError: another run is writing to ``out`` (see :class:`OutputLock`).
     """
+    if shard is not None:
+        k, n = shard
+        if not (isinstance(k, int) and isinstance(n, int) and n >= 1 and 0 <= k < n):
+            raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
-        return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress, report, isolate)
+        return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress, report, isolate, shard)
+
+
+def merge_results(out: Union[str, os.PathLike], sources: Sequence[Union[str, os.PathLike]]) -> int:
+    """Append to ``<out>/results.jsonl`` every record of the sources' ``results.jsonl`` that it
+    does not hold yet (e.g. the shards of one grid); returns how many were added."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        store = ResultStore(out / "results.jsonl")
+        seen = {json.dumps(r, sort_keys=True) for r in store.load()}
+        added = 0
+        for src in sources:
+            path = Path(src) / "results.jsonl"
+            if not path.is_file():
+                raise FileNotFoundError(f"{src} holds no results.jsonl to merge")
+            if path.resolve() == (out / "results.jsonl").resolve():
+                continue
+            for rec in ResultStore(path).load():
+                line = json.dumps(rec, sort_keys=True)
+                if line not in seen:
+                    store.append(rec)
+                    seen.add(line)
+                    added += 1
+    return added
 
 
 def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[int], retry_errors: bool,
-                          progress: bool, report: bool, isolate: bool) -> List[Dict[str, Any]]:
+                          progress: bool, report: bool, isolate: bool,
+                          shard: Optional[Tuple[int, int]]) -> List[Dict[str, Any]]:
     from tqdm import tqdm
 
     (out / "spec.json").write_text(json.dumps(spec.raw, indent=2) + "\n")
     store = ResultStore(out / "results.jsonl")
     cells = expand_grid(spec)
+    if shard is not None:
+        cells = cells[shard[0]::shard[1]]
     done = store.done_keys(retry_errors)
     todo = [c for c in cells if c.key not in done]
     _logger.info("%s: %d cells, %d finished before, %d to run", spec.name, len(cells), len(cells) - len(todo), len(todo))
