@@ -274,13 +274,14 @@ def read_prompt_metadata(path: PathLike) -> Dict[str, Any]:
     return meta
 
 
-def read_prompt_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
+def read_prompt_tensors(path: PathLike, meta: Optional[Mapping[str, Any]] = None) -> Dict[str, torch.Tensor]:
     """The tensors of a prompt checkpoint, checked against the checksum stored when it was
-    written (:class:`PromptChecksumError` if they differ; files without one are not checked)."""
+    written (:class:`PromptChecksumError` if they differ; files without one are not checked).
+    ``meta``: the file's record, if already read."""
     from safetensors.torch import load_file
 
     path = _normalise_path(path)
-    want = read_prompt_metadata(path).get("tensor_sha256")
+    want = (meta if meta is not None else read_prompt_metadata(path)).get("tensor_sha256")
     try:
         tensors = load_file(str(path))
     except Exception as e:
@@ -329,7 +330,7 @@ def load_prompts(model: nn.Module, path: PathLike) -> Dict[str, Any]:
         raise PromptMismatchError(
             f"prompt checkpoint {str(path)!r} does not match this model:\n  - " + "\n  - ".join(diffs)
         )
-    tensors = read_prompt_tensors(path)
+    tensors = read_prompt_tensors(path, meta)
     own = model.trainable_state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

@@ -156,8 +156,9 @@ class PromptedCore:
     def trainable_buffers(self) -> List[torch.Tensor]:
         """The buffers that training changes and checkpoints hold (BatchNorm statistics of heads
         and matchers; of the backbone too when it is not frozen)."""
-        names = set(self.trainable_state_dict())
-        return [b for n, b in self.named_buffers() if n in names]  # type: ignore[attr-defined]
+        from .divergence import trainable_buffers
+
+        return trainable_buffers(self)  # type: ignore[arg-type]
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> List[Dict[str, Any]]:
         """Optimiser parameter groups of the trainable parameters: trainable backbone

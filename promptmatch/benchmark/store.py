@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Union
 
+from .._locking import exclusive_lock
+
 __all__ = ["ResultStore", "OutputLock", "BenchmarkLockedError"]
 
 _logger = logging.getLogger(__name__)
@@ -101,13 +103,7 @@ class ResultStore:
         """Append one record as a line; starts a new line if the file ends in a truncated one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
-        with open(self.path, "ab+") as f:
-            try:
-                import fcntl
-
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            except ImportError:  # pragma: no cover - Windows
-                pass
+        with open(self.path, "ab+") as f, exclusive_lock(f):
             f.seek(0, os.SEEK_END)
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)
@@ -115,5 +111,5 @@ class ResultStore:
                     line = "\n" + line
             f.write(line.encode())
             f.flush()
-            os.fsync(f.fileno())  # the lock goes with the file's close
+            os.fsync(f.fileno())
 

@@ -18,6 +18,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from ..._locking import exclusive_lock
 from ..._wheels import cache_base
 from .scenes import _SCENE_MAKERS
 from .shifts import SHIFT_REGISTRY, SPLITS
@@ -198,17 +199,8 @@ def verify_offline_dataset(path: PathLike) -> bool:
 
 @contextlib.contextmanager
 def _build_lock(root: Path, name: str) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
+    with open(root / f".{name}.lock", "a+") as fh, exclusive_lock(fh):
         yield
-        return
-    with open(root / f".{name}.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def build_offline_dataset(name: str, root: Optional[PathLike] = None, force: bool = False) -> Path:

@@ -13,10 +13,10 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from these tools
     from mmengine.config import Config, DictAction
 
     p = argparse.ArgumentParser(description="Extract the prompt checkpoint from a Runner checkpoint")

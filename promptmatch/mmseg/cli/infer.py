@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
@@ -178,6 +177,7 @@ def _output_stems(images: Sequence[Path]) -> List[str]:
 # -------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the tool; returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from these tools
     args = parse_args(argv)
     import mmcv
     import torch

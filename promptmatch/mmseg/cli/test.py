@@ -19,11 +19,12 @@ import os
 import os.path as osp
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
+    from . import parse_with_launcher
 
     p = argparse.ArgumentParser(description="Test a prompt checkpoint")
     p.add_argument("config", help="test config file path")
@@ -31,15 +32,11 @@ def parse_args(argv=None):
                    "Runner checkpoint (.pth) of a prompted model")
     p.add_argument("--work-dir", help="the dir to save logs and metrics")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override settings in the config")
-    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = p.parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    return args
+    return parse_with_launcher(p, argv)
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from these tools
     args = parse_args(argv)
     from mmengine.runner import Runner
 

@@ -16,11 +16,12 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
+    from . import parse_with_launcher
 
     p = argparse.ArgumentParser(description="Train a (prompt-tuned) segmentor")
     p.add_argument("config", help="train config file path")
@@ -30,15 +31,11 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", default=False, help="enable automatic mixed precision")
     p.add_argument("--cfg-options", nargs="+", action=DictAction,
                    help="override settings in the config, key=value pairs (xxx=yyy)")
-    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = p.parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    return args
+    return parse_with_launcher(p, argv)
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from these tools
     args = parse_args(argv)
     from mmengine.logging import print_log
     from mmengine.runner import Runner
