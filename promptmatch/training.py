@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .divergence import DivergenceError, DivergenceGuard, non_finite_tensors, trainable_buffers
+from .inference import Size2, autocast_context, check_amp, segment_logits
 
-__all__ = ["train_segmentor", "confusion_matrix", "mean_iou", "evaluate_segmentor"]
+__all__ = ["train_segmentor", "confusion_matrix", "mean_iou", "evaluate_segmentor", "holdout_split"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ def train_segmentor(
     device: Optional[torch.device] = None,
     on_step: Optional[Callable[[int, float], None]] = None,
     max_bad_steps: int = 0,
+    amp: Optional[str] = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> Dict[str, List[float]]:
     """Train ``model`` for ``steps`` AdamW steps on random, randomly flipped mini-batches.
 
@@ -51,8 +55,20 @@ def train_segmentor(
     it changes any weight; ``max_bad_steps=N`` skips up to N such steps instead (no update,
     the schedule goes on) and stops at the next one. A run whose last step was skipped, or
     whose trainable weights end non-finite, raises too: it never passes for a result.
+
+    ``amp="bf16"`` runs the forward pass and loss under ``torch.autocast`` on ``device``;
+    ``amp="fp16"`` (CUDA only) also scales the loss with a ``torch.amp.GradScaler``, which
+    skips steps whose gradients overflow on its own (only a non-finite loss counts as a bad
+    step then). ``channels_last`` converts the model and every batch to channels-last
+    memory format; ``compile`` runs ``model.loss`` (forward and loss) through
+    ``torch.compile`` while the optimiser and the divergence checks use ``model`` itself.
     """
     device = device or torch.device("cpu")
+    check_amp(amp, device.type)  # an unusable amp fails before any work
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_fn = torch.compile(model.loss) if compile else model.loss
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.param_groups(lr=lr, weight_decay=weight_decay))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (1 - i / steps) ** 0.9)
@@ -71,17 +87,28 @@ def train_segmentor(
         if torch.rand((), generator=g) < 0.5:
             x, y = x.flip(-2), y.flip(-2)
         x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         _sync(device)
         t0 = time.perf_counter()
         guard.begin_step(buffers)
-        loss = sum(model.loss(x, y).values())
+        with autocast_context(amp, device.type):
+            loss = sum(loss_fn(x, y).values())
         opt.zero_grad(set_to_none=True)
         step_lr = max(grp["lr"] for grp in opt.param_groups)  # the head's lr (a backbone group has a multiplier)
         if guard.loss_finite(loss):
-            loss.backward()
-        if guard.step_ok(step, loss, step_lr, params):
-            opt.step()
-            sched.step()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        # with a GradScaler, overflowing gradients are the scaler's business (it skips the update)
+        if guard.step_ok(step, loss, step_lr, None if scaler is not None else params):
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+                with warnings.catch_warnings():  # the scaler may have skipped opt.step(): intended
+                    warnings.simplefilter("ignore", UserWarning)
+                    sched.step()
+            else:
+                opt.step()
+                sched.step()
         else:
             opt.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # "scheduler stepped before the optimiser": intended here
@@ -134,15 +161,51 @@ def evaluate_segmentor(
     k: int,
     batch: int = 16,
     device: Optional[torch.device] = None,
+    mode: str = "whole",
+    crop: Optional[Size2] = None,
+    stride: Optional[Size2] = None,
+    amp: Optional[str] = None,
+    channels_last: bool = False,
 ) -> Tuple[float, List[Optional[float]], torch.Tensor]:
-    """mIoU, per-class IoU and the predicted class maps of ``images``."""
+    """mIoU, per-class IoU and the predicted class maps of ``images``.
+
+    Logits come from :func:`promptmatch.inference.segment_logits` with ``mode``, ``crop``,
+    ``stride`` and ``amp`` (``mode="slide"`` is mmseg's sliding-window inference);
+    ``channels_last`` converts the model and the images to channels-last memory format.
+    """
     device = device or torch.device("cpu")
+    check_amp(amp, device.type)
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     conf = torch.zeros(k, k, dtype=torch.long)
     preds = []
     for i in range(0, len(images), batch):
-        p = model(images[i : i + batch].to(device)).argmax(1).cpu()
+        logits = segment_logits(model, images[i : i + batch].to(device), mode=mode, crop=crop, stride=stride,
+                                num_classes=k, amp=amp, channels_last=channels_last)
+        p = logits.argmax(1).cpu()
         preds.append(p)
         conf += confusion_matrix(p, labels[i : i + batch], k)
     m, per_class = mean_iou(conf)
     return m, per_class, torch.cat(preds)
+
+
+def holdout_split(n: int, fraction: float, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Sorted ``(train_indices, holdout_indices)`` of ``range(n)`` with ``round(fraction * n)`` held out.
+
+    The held-out indices are the first ones of ``numpy.random.default_rng(seed).permutation(n)``,
+    so a split depends only on ``(n, fraction, seed)``. Used to pick a learning rate on a part
+    of the training split. Raises ``ValueError`` unless at least one index is held out and at
+    least one is left for training.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if not isinstance(fraction, (int, float, np.floating)) or isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise ValueError(f"fraction must be a number strictly between 0 and 1, got {fraction!r}")
+    n = int(n)
+    k = int(round(fraction * n))
+    if k < 1 or k > n - 1:
+        raise ValueError(f"holding out round({fraction:g} * {n}) = {k} of {n} item(s) leaves "
+                         f"{'nothing held out' if k < 1 else 'nothing to train on'}: need 1 <= held out <= n - 1")
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(int(i) for i in perm[k:]), sorted(int(i) for i in perm[:k])

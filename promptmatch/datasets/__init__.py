@@ -4,7 +4,19 @@
 mmsegmentation layout from real image content shipped in PyPI packages (scikit-image sample
 images, the stardist wheel's nuclei image). Importing this package needs only numpy and
 Pillow, never imports mmseg/mmcv/mmengine or scikit-image, and prints nothing.
+
+:mod:`promptmatch.datasets.folder` describes, checks and loads user-supplied image/mask
+folders in the same layout, and exports the offline datasets as such folders.
 """
+from .folder import (
+    FolderDataset,
+    FolderDatasetError,
+    check_folder_dataset,
+    describe_folder_dataset,
+    export_offline_as_folder,
+    folder_pairs,
+    load_folder_split,
+)
 from .offline import (
     BUILD_VERSION,
     IGNORE_INDEX,
@@ -53,4 +65,11 @@ __all__ = [
     "load_offline_split",
     "mmseg_dataset_config",
     "verify_offline_dataset",
+    "FolderDataset",
+    "FolderDatasetError",
+    "check_folder_dataset",
+    "describe_folder_dataset",
+    "export_offline_as_folder",
+    "folder_pairs",
+    "load_folder_split",
 ]
