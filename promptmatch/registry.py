@@ -43,7 +43,9 @@ try:
     from mmengine.registry import Registry
     from mmseg.registry import DATASETS as MMSEG_DATASETS
     from mmseg.registry import HOOKS as MMSEG_HOOKS
+    from mmseg.registry import METRICS as MMSEG_METRICS
     from mmseg.registry import MODELS as MMSEG_MODELS
+    from mmseg.registry import OPTIM_WRAPPERS as MMSEG_OPTIM_WRAPPERS
 except ImportError as _missing:
     raise _stack_missing(_missing) from _missing
 
@@ -52,9 +54,11 @@ _LOCATIONS = ["promptmatch.mmseg"]
 MODELS = Registry("model", parent=MMSEG_MODELS, scope="promptmatch", locations=_LOCATIONS)
 DATASETS = Registry("dataset", parent=MMSEG_DATASETS, scope="promptmatch", locations=_LOCATIONS)
 HOOKS = Registry("hook", parent=MMSEG_HOOKS, scope="promptmatch", locations=_LOCATIONS)
+METRICS = Registry("metric", parent=MMSEG_METRICS, scope="promptmatch", locations=_LOCATIONS)
+OPTIM_WRAPPERS = Registry("optim_wrapper", parent=MMSEG_OPTIM_WRAPPERS, scope="promptmatch", locations=_LOCATIONS)
 # mmengine looks model wrappers up in its root registry (Runner.wrap_model), so this one hangs there
 MODEL_WRAPPERS = Registry(
     "model_wrapper", parent=MMENGINE_MODEL_WRAPPERS, scope="promptmatch", locations=_LOCATIONS
 )
 
-__all__ = ["MODELS", "DATASETS", "HOOKS", "MODEL_WRAPPERS"]
+__all__ = ["MODELS", "DATASETS", "HOOKS", "METRICS", "OPTIM_WRAPPERS", "MODEL_WRAPPERS"]

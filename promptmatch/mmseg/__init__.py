@@ -31,9 +31,11 @@ _require_mmseg_stack()
 
 from .datasets import OfflineSegDataset  # noqa: E402
 from .hooks import PromptCheckpointHook  # noqa: E402
+from .metrics import PerClassIoUMetric  # noqa: E402
+from .optim import AutocastOptimWrapper  # noqa: E402
 from .segmentor import PromptEncoderDecoder, default_stage_modules  # noqa: E402
 from .timm_backbone import TimmBackbone  # noqa: E402
 from .wrappers import CPUDistributedDataParallel, PromptDistributedDataParallel  # noqa: E402
 
 __all__ = ["PromptEncoderDecoder", "TimmBackbone", "PromptCheckpointHook", "default_stage_modules", "CPUDistributedDataParallel",
-           "PromptDistributedDataParallel", "OfflineSegDataset"]
+           "PromptDistributedDataParallel", "OfflineSegDataset", "PerClassIoUMetric", "AutocastOptimWrapper"]
