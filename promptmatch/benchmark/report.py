@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .store import ResultStore
 
-__all__ = ["aggregate", "kendall_tau_b", "write_report"]
+__all__ = ["aggregate", "kendall_tau_b", "ranking_with_ties", "write_report"]
 
 _logger = logging.getLogger(__name__)
 
@@ -36,7 +36,10 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     Skipped and failed cells appear with ``status`` and ``reason`` and no numbers. A group
     in which any seed diverged has ``status: "diverged"`` (its other seeds would overstate the
     method), so it is never ranked. A cell recorded twice (e.g. an error retried) counts
-    once: the last record wins.
+    once: the last record wins. ``miou`` keeps the dataset's own splits first, then the
+    ``"<other dataset>:<split>"`` keys of a cell evaluated on another dataset (domain shift).
+    ``lr_chosen`` (the learning rate each seed's held-out sweep chose, in seed order) is
+    there when the records carry it.
     """
     latest: Dict[str, Mapping[str, Any]] = {}
     for r in records:
@@ -62,11 +65,14 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
             rows.append(row)
             continue
         row["status"] = "ok"
-        splits = list(ok[0]["miou"])
+        # the dataset's own splits first, then "<other dataset>:<split>" (domain shift), each in record order
+        splits = sorted(ok[0]["miou"], key=lambda s: ":" in s)
         row["miou"] = {s: _mean_std([r["miou"].get(s) for r in ok]) for s in splits}
         for k in ("trainable_params", "trainable_pct", "checkpoint_bytes", "step_time_median_s", "throughput_img_s",
                   "peak_mem_mb", "latency_ms_median", "wall_s"):
             row[k] = _mean_std([r.get(k) for r in ok])
+        if any("lr_chosen" in r for r in ok):  # the learning rate each seed's held-out sweep chose
+            row["lr_chosen"] = [r.get("lr_chosen") for r in sorted(ok, key=lambda r: r["seed"])]
         rows.append(row)
     return rows
 
@@ -117,6 +123,55 @@ def _rankings(rows: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], Dic
             if not math.isnan(m):
                 out.setdefault((r["dataset"], r["backbone"], r["setting"], split), {})[r["method"]] = m
     return out
+
+
+def _ranking_spreads(rows: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], Dict[str, Tuple[float, float]]]:
+    """Method (mean, std over seeds) of mIoU per (dataset, backbone, setting, split): the keys and
+    methods of :func:`_rankings`, with the std; the std is nan for a method with fewer than two
+    seeds, whose ties cannot be judged."""
+    out: Dict[Tuple[str, str, str, str], Dict[str, Tuple[float, float]]] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        for split, (m, s) in r["miou"].items():
+            if not math.isnan(m):
+                out.setdefault((r["dataset"], r["backbone"], r["setting"], split), {})[r["method"]] = (
+                    m, s if r.get("n_seeds", 0) >= 2 else float("nan"))
+    return out
+
+
+def _tied(a: Tuple[float, float], b: Tuple[float, float]) -> bool:
+    """Whether two (mean, std) scores are tied: both stds finite and the means closer than the larger std."""
+    if not (math.isfinite(a[1]) and math.isfinite(b[1])):
+        return False
+    return abs(a[0] - b[0]) < max(a[1], b[1])
+
+
+def ranking_with_ties(scores: Mapping[str, Tuple[float, float]]) -> List[List[str]]:
+    """Methods in groups of tied methods, best mean first, from ``{method: (mean, std over seeds)}``.
+
+    Methods are ordered by mean (ties of equal means by name); two neighbours in that order are
+    tied when ``|mean_a - mean_b| < max(std_a, std_b)``, and ties chain (a ≈ b and b ≈ c put a,
+    b and c in one group). A method whose std is not finite (nan: one seed) ties with nothing;
+    with std 0 on both sides nothing ties either. Methods with a nan mean are left out.
+    """
+    order = sorted(((m, (float(ms[0]), float(ms[1]))) for m, ms in scores.items() if not math.isnan(ms[0])),
+                   key=lambda kv: (-kv[1][0], kv[0]))
+    groups: List[List[str]] = []
+    prev: Optional[Tuple[float, float]] = None
+    for m, ms in order:
+        if prev is not None and _tied(prev, ms):
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+        prev = ms
+    return groups
+
+
+def _split_label(split: str) -> str:
+    """A split key as shown in tables: ``"<other dataset>:<split>"`` (evaluated on another dataset,
+    a domain shift) gets an arrow, ``→cityscapes:val``; a split of the dataset itself is unchanged."""
+    return f"→{split}" if ":" in split else split
 
 
 def _tau(a: Mapping[str, float], b: Mapping[str, float]) -> Tuple[float, int]:
@@ -257,6 +312,72 @@ def _diverged_section(records: List[Dict[str, Any]]) -> List[str]:
     return out + [""]
 
 
+def _lr(v: Any) -> str:
+    """A learning rate in short scientific notation: ``1e-04``, ``3.5e-04``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    mant, exp = f"{v:.3e}".split("e")
+    return f"{mant.rstrip('0').rstrip('.')}e{exp}"
+
+
+def _seeds_text(seeds: Sequence[int]) -> str:
+    """``seed 2`` or ``seeds 0,1``."""
+    return ("seeds " if len(seeds) > 1 else "seed ") + ",".join(str(s) for s in seeds)
+
+
+def _lr_section(records: List[Dict[str, Any]]) -> List[str]:
+    """Markdown: the learning rates chosen on the held-out part of the training split, per
+    (dataset, backbone, setting, method), from the ``ok`` records (latest per cell) with
+    ``lr_trials``; empty if there are none."""
+    latest: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        latest[r["key"]] = r
+    groups: Dict[Tuple[str, str, str, str], List[Dict[str, Any]]] = {}
+    for r in latest.values():
+        if r.get("status") == "ok" and r.get("lr_trials"):
+            groups.setdefault(_group_key(r), []).append(r)
+    if not groups:
+        return []
+    fractions = sorted({float(r["holdout_fraction"]) for rs in groups.values() for r in rs
+                        if isinstance(r.get("holdout_fraction"), (int, float))})
+    frac = f" ({', '.join(f'{100 * f:g}%' for f in fractions)} of it)" if fractions else ""
+    out = ["## Learning rates (chosen on a held-out part of the training split)", "",
+           f"Each seed trained once per tried learning rate on the training split less a held-out part{frac} and "
+           "kept the lr with the best held-out mIoU; the evaluation splits took no part in the choice. Held-out "
+           "mIoU in points, mean over the seeds that finished that lr; spread = best minus worst of those finite "
+           "means, in points (small: the method is insensitive to the lr in this range).", "",
+           "| dataset | backbone | setting | method | chosen lr (per seed) | held-out mIoU per tried lr | spread |",
+           "|---|---|---|---|---|---|---|"]
+    for key, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        chosen: Dict[float, List[int]] = {}
+        for r in rs:
+            if isinstance(r.get("lr_chosen"), (int, float)):
+                chosen.setdefault(float(r["lr_chosen"]), []).append(r["seed"])
+        chosen_text = ", ".join(f"{_lr(lr)} ({_seeds_text(sd)})" for lr, sd in sorted(chosen.items())) or "–"
+        trials: Dict[float, List[Mapping[str, Any]]] = {}
+        for r in rs:
+            for t in r["lr_trials"]:
+                trials.setdefault(float(t["lr"]), []).append(t)
+        cells, means = [], []
+        for lr, ts in sorted(trials.items()):
+            vals = [float(t["holdout_miou"]) for t in ts if t.get("status", "ok") == "ok"
+                    and isinstance(t.get("holdout_miou"), (int, float)) and math.isfinite(t["holdout_miou"])]
+            fails = [(what, sum(1 for t in ts if t.get("status") == what)) for what in ("diverged", "error")]
+            fails = [(what, c) for what, c in fails if c]
+            if vals:
+                means.append(statistics.fmean(vals))
+                text = f"{100 * means[-1]:.1f}" + "".join(f" ({what} in {c} of {len(ts)} seeds)" for what, c in fails)
+            elif fails:
+                text = ", ".join(what if c == len(ts) else f"{what} in {c} of {len(ts)} seeds" for what, c in fails)
+            else:
+                text = "–"
+            cells.append(f"{_lr(lr)}: {text}")
+        spread = f"{100 * (max(means) - min(means)):.1f}" if len(means) > 1 else "–"
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {chosen_text} | {'; '.join(cells)} | {spread} |")
+    return out + [""]
+
+
 def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
     """Write ``<out>/report.md`` (and PNG plots) from ``<out>/results.jsonl`` alone."""
     out = Path(out)
@@ -284,7 +405,7 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
             for s in r.get("miou", {}):
                 if s not in splits:
                     splits.append(s)
-        head = ["backbone", "setting", "method", "seeds"] + [f"{s} mIoU" for s in splits] + \
+        head = ["backbone", "setting", "method", "seeds"] + [f"{_split_label(s)} mIoU" for s in splits] + \
                ["trainable (% bb)", "ckpt KB", "step ms", "img/s", "peak MB", "latency ms"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in drows:
@@ -302,17 +423,29 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
         lines.append("")
 
     lines += _diverged_section(records)
+    lines += _lr_section(records)
     lines += _relative_section(rows)
     ranks = _rankings(rows)
     if ranks:
+        spreads = _ranking_spreads(rows)
         lines += ["## Rankings of methods", "",
                   "Methods ordered by mean mIoU (best first), per dataset, backbone, setting and split.", "",
                   "| id | dataset | backbone | setting | split | ranking |", "|---|---|---|---|---|---|"]
         ids = {}
         for i, (key, scores) in enumerate(sorted(ranks.items()), 1):
             ids[key] = f"R{i}"
-            order = " > ".join(f"{m} ({100 * v:.1f})" for m, v in sorted(scores.items(), key=lambda kv: -kv[1]))
-            lines.append(f"| R{i} | {key[0]} | {key[1]} | {key[2]} | {key[3]} | {order} |")
+            order = " > ".join(" ≈ ".join(f"{m} ({100 * scores[m]:.1f})" for m in group)
+                               for group in ranking_with_ties(spreads[key]))
+            lines.append(f"| R{i} | {key[0]} | {key[1]} | {key[2]} | {_split_label(key[3])} | {order} |")
+        stds = [s for scores in spreads.values() for _, s in scores.values()]
+        judged, single = any(math.isfinite(s) for s in stds), any(not math.isfinite(s) for s in stds)
+        lines.append("")
+        if judged:
+            lines.append("≈: the difference is smaller than the seed spread (std over seeds); "
+                         "such methods are tied, not ranked.")
+        if single:
+            lines.append("With one seed, ties cannot be judged: \">\" only orders the means." if not judged else
+                         "A method with one seed is never marked tied: with one seed, ties cannot be judged.")
         lines += ["", "## Kendall's tau-b between rankings", "",
                   "Over the methods two rankings share; 1 = same order, -1 = reversed, nan = fewer than 2 "
                   "common methods or all tied.", ""]
@@ -322,7 +455,8 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
             t, n = _tau(ranks[a], ranks[b])
             taus.append((a, b, t, n))
         # main view: the val (or first) split across datasets and settings, as a matrix
-        main_split = "val" if any(k[3] == "val" for k in keys) else keys[0][3]
+        main_split = "val" if any(k[3] == "val" for k in keys) else next(
+            (k[3] for k in keys if ":" not in k[3]), keys[0][3])  # a split of the dataset itself, not a shift
         mk = [k for k in keys if k[3] == main_split]
         if len(mk) > 1:
             lines += [f"### Across datasets and settings ({main_split} split)", "",
@@ -333,7 +467,7 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
             lines.append("")
         lines += ["### Splits against the clean split (per dataset, backbone and setting)", "",
                   "| dataset | backbone | setting | " + " | ".join(
-                      sorted({k[3] for k in keys if k[3] != main_split})) + " |"]
+                      _split_label(s) for s in sorted({k[3] for k in keys if k[3] != main_split})) + " |"]
         other = sorted({k[3] for k in keys if k[3] != main_split})
         lines.append("|---|---|---|" + "---|" * len(other))
         for k in mk:

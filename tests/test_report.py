@@ -1,0 +1,163 @@
+"""The benchmark report from hand-built records: ties in rankings, the learning-rate sweep
+section, and domain-shift columns (a cell evaluated on another dataset)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import pytest
+
+from promptmatch.benchmark.report import _rankings, aggregate, ranking_with_ties, write_report
+from promptmatch.benchmark.store import ResultStore
+
+BACKBONE = {"name": "vit_tiny", "label": "vit-t"}
+SETTING = "linear frozen"
+
+
+def make_record(method: str, seed: int, miou: Dict[str, float], dataset: str = "ade", status: str = "ok",
+                **extra: Any) -> Dict[str, Any]:
+    """One ``results.jsonl`` record of a cell, with the fields the report reads."""
+    rec: Dict[str, Any] = {
+        "key": f"{dataset}|{BACKBONE['label']}|{SETTING}|{method}|{seed}", "dataset": dataset,
+        "backbone": dict(BACKBONE), "setting_label": SETTING, "method": method, "seed": seed, "status": status,
+        "miou": dict(miou), "per_class_iou": {}, "trainable_params": 1000.0, "trainable_pct": 0.5,
+        "checkpoint_bytes": 4096, "step_time_median_s": 0.01, "throughput_img_s": 100.0, "peak_mem_mb": 500.0,
+        "latency_ms_median": 2.0, "wall_s": 10.0, "device": "cpu", "versions": {"torch": "2.x"},
+        "peak_mem_kind": "process RSS",
+    }
+    rec.update(extra)
+    return rec
+
+
+def write(tmp_path: Path, records: Sequence[Dict[str, Any]]) -> str:
+    """Store the records in ``tmp_path/results.jsonl`` and return the text of the report written from them."""
+    store = ResultStore(tmp_path / "results.jsonl")
+    for r in records:
+        store.append(r)
+    return write_report(tmp_path, plots=False).read_text()
+
+
+def ranking_line(report: str, split: str, dataset: str = "ade") -> str:
+    """The ranking (last cell) of the Rankings table row for a dataset and split label."""
+    section = report.split("## Rankings of methods")[1].split("\n## ")[0]
+    (line,) = [ln for ln in section.splitlines()
+               if ln.startswith("| R") and f"| {dataset} |" in ln and f"| {split} |" in ln]
+    return line.rstrip(" |").rsplit(" | ", 1)[1]
+
+
+# ---------------------------------------------------------------------------- ties
+
+
+def test_ranking_with_ties_groups_chained_neighbours():
+    # a-b: |0.50-0.49| < max(0.02, 0.005); b-c: |0.49-0.475| = 0.015 < 0.02 -> chained; c-d: 0.075 >= 0.02
+    scores = {"c": (0.475, 0.02), "a": (0.50, 0.02), "d": (0.40, 0.01), "b": (0.49, 0.005)}
+    assert ranking_with_ties(scores) == [["a", "b", "c"], ["d"]]
+    # the larger std decides: 0.03 apart, one std 0.04 -> tied; 0.05 apart -> not
+    assert ranking_with_ties({"x": (0.5, 0.0), "y": (0.47, 0.04)}) == [["x", "y"]]
+    assert ranking_with_ties({"x": (0.5, 0.01), "y": (0.45, 0.04)}) == [["x"], ["y"]]
+    # the difference must be strictly smaller; std 0 (or nan: one seed) never ties; nan means are left out
+    assert ranking_with_ties({"x": (0.5, 0.25), "y": (0.25, 0.125)}) == [["x"], ["y"]]  # exact in binary
+    assert ranking_with_ties({"x": (0.5, 0.0), "y": (0.5, 0.0)}) == [["x"], ["y"]]
+    assert ranking_with_ties({"x": (0.5, float("nan")), "y": (0.49, 0.05)}) == [["x"], ["y"]]
+    assert ranking_with_ties({"x": (float("nan"), 0.1), "y": (0.3, 0.1)}) == [["y"]]
+    assert ranking_with_ties({}) == []
+
+
+def test_report_ties_with_three_seeds(tmp_path):
+    vals = {"spm": [0.50, 0.52, 0.48],      # mean 50.0, std 2.0
+            "lora": [0.49, 0.51, 0.47],     # mean 49.0, std 2.0: within the spread of spm -> tied
+            "linear": [0.40, 0.41, 0.39]}   # mean 40.0, std 1.0: 9 points below lora -> ranked
+    recs = [make_record(m, s, {"val": v}) for m, vs in vals.items() for s, v in enumerate(vs)]
+    report = write(tmp_path, recs)
+    assert ranking_line(report, "val") == "spm (50.0) ≈ lora (49.0) > linear (40.0)"
+    assert "≈: the difference is smaller than the seed spread (std over seeds); such methods are tied, not ranked." \
+        in report
+    assert "ties cannot be judged" not in report
+    # _rankings is unchanged: mean per method
+    (scores,) = _rankings(aggregate(recs)).values()
+    assert scores == pytest.approx({"spm": 0.50, "lora": 0.49, "linear": 0.40})
+
+
+def test_report_one_seed_never_ties(tmp_path):
+    recs = [make_record("spm", 0, {"val": 0.500}), make_record("lora", 0, {"val": 0.499}),
+            make_record("linear", 0, {"val": 0.40})]
+    report = write(tmp_path, recs)
+    assert ranking_line(report, "val") == "spm (50.0) > lora (49.9) > linear (40.0)"
+    assert "With one seed, ties cannot be judged" in report
+    assert "≈" not in report
+
+
+# ---------------------------------------------------------------------------- learning rates
+
+
+def trials(values: Dict[float, Optional[float]]) -> List[Dict[str, Any]]:
+    """``lr_trials`` from {lr: held-out mIoU, or None for a diverged trial}."""
+    return [{"lr": lr, "holdout_miou": v, "status": "ok" if v is not None else "diverged"}
+            for lr, v in values.items()]
+
+
+def test_report_lr_section(tmp_path):
+    sweep = {0: ({1e-4: 0.45, 3e-4: 0.44, 1e-3: None}, 1e-4),
+             1: ({1e-4: 0.47, 3e-4: 0.46, 1e-3: None}, 1e-4),
+             2: ({1e-4: 0.43, 3e-4: 0.46, 1e-3: None}, 3e-4)}
+    recs = [make_record("spm", s, {"val": 0.5 + s / 100}, lr_trials=trials(t), lr_chosen=lr, holdout_fraction=0.1)
+            for s, (t, lr) in sweep.items()]
+    # lora: one of its 2 seeds diverged at 1e-3
+    recs += [make_record("lora", 0, {"val": 0.48}, lr_trials=trials({1e-4: 0.40, 1e-3: 0.42}), lr_chosen=1e-3,
+                         holdout_fraction=0.1),
+             make_record("lora", 1, {"val": 0.47}, lr_trials=trials({1e-4: 0.41, 1e-3: None}), lr_chosen=1e-4,
+                         holdout_fraction=0.1)]
+    recs += [make_record("linear", s, {"val": 0.40}) for s in range(3)]  # a fixed lr: no sweep, no row
+    report = write(tmp_path, recs)
+    section = report.split("## Learning rates (chosen on a held-out part of the training split)")[1].split("\n## ")[0]
+    assert "(10% of it)" in section
+    assert ("| ade | vit-t | linear frozen | spm | 1e-04 (seeds 0,1), 3e-04 (seed 2) | "
+            "1e-04: 45.0; 3e-04: 45.3; 1e-03: diverged | 0.3 |") in section
+    assert ("| ade | vit-t | linear frozen | lora | 1e-04 (seed 1), 1e-03 (seed 0) | "
+            "1e-04: 40.5; 1e-03: 42.0 (diverged in 1 of 2 seeds) | 1.5 |") in section
+    assert "| linear |" not in section
+    # the main table keeps its columns
+    assert ("| backbone | setting | method | seeds | val mIoU | trainable (% bb) | ckpt KB | step ms | img/s | "
+            "peak MB | latency ms |") in report
+    rows = {r["method"]: r for r in aggregate(recs)}
+    assert rows["spm"]["lr_chosen"] == [1e-4, 1e-4, 3e-4]
+    assert "lr_chosen" not in rows["linear"]
+
+
+def test_report_without_lr_trials_has_no_lr_section(tmp_path):
+    report = write(tmp_path, [make_record("spm", 0, {"val": 0.5}), make_record("linear", 0, {"val": 0.4})])
+    assert "## Learning rates" not in report
+
+
+# ---------------------------------------------------------------------------- domain shift
+
+
+def test_report_domain_shift_columns_and_rankings(tmp_path):
+    # trained on ade; on cityscapes the order of spm and lora flips
+    scores = {"spm": (0.50, 0.30), "lora": (0.45, 0.35), "linear": (0.40, 0.20)}
+    recs = [make_record(m, 0, {"val": v, "cityscapes:val": x}) for m, (v, x) in scores.items()]
+    report = write(tmp_path, recs)
+    header = next(ln for ln in report.splitlines() if ln.startswith("| backbone | setting | method | seeds |"))
+    assert "| val mIoU | →cityscapes:val mIoU |" in header
+    assert "| spm | 1 | 50.0 | 30.0 |" in report
+    # the relative section compares on the first split, the dataset's own (val), not the shift
+    assert "| ade | vit-t | linear frozen | spm | +10.0 |" in report
+    assert ranking_line(report, "val") == "spm (50.0) > lora (45.0) > linear (40.0)"
+    assert ranking_line(report, "→cityscapes:val") == "lora (35.0) > spm (30.0) > linear (20.0)"
+    tau = report.split("### Splits against the clean split")[1].split("\n\n", 2)[1]
+    head, _, row = tau.splitlines()[:3]
+    assert head == "| dataset | backbone | setting | →cityscapes:val |"
+    assert row == "| ade | vit-t | linear frozen | 0.33 |"  # one discordant pair of three
+    pairs = json.loads((tmp_path / "kendall_tau.json").read_text())
+    assert [p["tau_b"] for p in pairs] == pytest.approx([1 / 3])
+
+
+def test_report_shift_only_split_is_not_the_clean_split(tmp_path):
+    # no "val": the clean split is the dataset's own "test", not the (alphabetically first) shift key
+    recs = [make_record(m, 0, {"test": v, "cityscapes:val": x})
+            for m, (v, x) in {"spm": (0.5, 0.3), "lora": (0.4, 0.35)}.items()]
+    report = write(tmp_path, recs)
+    tau = report.split("### Splits against the clean split")[1]
+    assert "| dataset | backbone | setting | →cityscapes:val |" in tau
+    assert "| ade | vit-t | linear frozen | -1.00 |" in tau
