@@ -133,7 +133,7 @@ def test_spec_validation_errors_name_what_is_available(tmp_path):
         bm.validate_spec({**TINY, "backbones": ["no_such_net"]})
     with pytest.raises(bm.SpecError, match="unknown key"):
         bm.validate_spec({**TINY, "method": "spm"})
-    with pytest.raises(bm.SpecError, match="'steps' must be a positive integer"):
+    with pytest.raises(bm.SpecError, match="'steps' must be an integer >= 1"):
         bm.validate_spec({**TINY, "settings": {"steps": 0}})
     with pytest.raises(bm.SpecError, match="unknown profile 'nope'; available: .*quick"):
         bm.profile_path("nope")

@@ -13,11 +13,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from .spec import Cell, settings_label
+from .spec import Cell, method_lrs, settings_label
 
-__all__ = ["RECORD_VERSION", "run_cell", "run_cell_in_child", "error_record"]
+__all__ = ["RECORD_VERSION", "run_cell", "run_cell_in_child", "error_record", "record_head", "sweep_lr",
+           "eval_sets", "MemoryEngine"]
 
 _logger = logging.getLogger(__name__)
 
@@ -53,142 +54,262 @@ def _versions() -> Dict[str, str]:
             "numpy": numpy.__version__, "promptmatch": promptmatch.__version__, "platform": platform.platform()}
 
 
-def _load_data(dataset: Mapping[str, Any], image_size: Optional[int]):
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from promptmatch import datasets as pmdata
-
-    if dataset.get("source", "offline") != "offline":
-        raise NotImplementedError(f"dataset {dataset['name']!r}: source {dataset['source']!r} is not runnable by "
-                                  "the benchmark tool yet (only offline datasets are)")
-    path = pmdata.build_offline_dataset(dataset["name"])
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-    def tensors(split: str):
-        imgs, labels = pmdata.load_offline_split(path, split)
-        x = (torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255) - mean) / std
-        y = torch.from_numpy(labels.astype(np.int64))
-        if image_size and image_size != x.shape[-1]:
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-            y = F.interpolate(y[:, None].float(), size=(image_size, image_size), mode="nearest")[:, 0].long()
-        return x, y
-
-    return tensors("train"), {s: tensors(s) for s in dataset["splits"]}, pmdata.dataset_classes(dataset["name"])
+def record_head(cell: Cell) -> Dict[str, Any]:
+    """The fields every record of a cell starts with."""
+    s = cell.settings
+    targets = [t["name"] for t in cell.dataset.get("targets") or []]
+    rec = {"version": RECORD_VERSION, "key": cell.key, "method": cell.method, "method_name": cell.method_name,
+           "method_cfg": cell.method_cfg, "backbone": cell.backbone, "dataset": cell.dataset["name"],
+           "splits": cell.dataset["splits"], "settings": s, "setting_label": settings_label(s), "seed": cell.seed,
+           "engine": s.get("engine") or "memory"}
+    if targets:
+        rec["eval_on"] = targets
+    return rec
 
 
-def run_cell(cell: Union[Cell, Mapping[str, Any]]) -> Dict[str, Any]:
+def diverged_fields(e: Any) -> Dict[str, Any]:
+    """Record fields of a :class:`~promptmatch.DivergenceError`."""
+    return dict(status="diverged", reason=str(e), diverged_at_step=e.step, diverged_loss=e.loss,
+                diverged_lr=e.lr, diverged_what=e.reason, skipped_steps=e.skipped)
+
+
+def eval_sets(cell: Cell) -> List[Tuple[str, Mapping[str, Any], str]]:
+    """``(record key, dataset entry, split)`` of every evaluation of a cell: its own splits,
+    then each domain-shift target's as ``"<target>:<split>"``."""
+    out = [(sp, cell.dataset, sp) for sp in cell.dataset["splits"]]
+    for t in cell.dataset.get("targets") or []:
+        out += [(f"{t['name']}:{sp}", t, sp) for sp in t["splits"]]
+    return out
+
+
+def sweep_lr(cell: Cell, trial: Callable[[float], float]) -> Tuple[Optional[float], List[Dict[str, Any]]]:
+    """Run ``trial(lr)`` (held-out mIoU) for every learning rate of the cell's method; return
+    the best lr (``None`` if every trial diverged) and the trials. A diverged trial counts as
+    worst; ties go to the earlier lr of the list."""
+    from promptmatch.divergence import DivergenceError
+
+    trials: List[Dict[str, Any]] = []
+    for lr in method_lrs(cell.settings, cell.method, cell.method_name):
+        try:
+            m = trial(lr)
+            trials.append({"lr": lr, "holdout_miou": m, "status": "ok"})
+        except DivergenceError as e:
+            _logger.warning("lr trial %g diverged: %s", lr, e)
+            trials.append({"lr": lr, "holdout_miou": None, "status": "diverged", "reason": str(e)})
+        _logger.info("%s lr %g: held-out mIoU %s", cell.method, lr, trials[-1]["holdout_miou"])
+    ok = [t for t in trials if t["status"] == "ok" and t["holdout_miou"] is not None
+          and t["holdout_miou"] == t["holdout_miou"]]
+    if not ok:
+        return None, trials
+    return max(ok, key=lambda t: t["holdout_miou"])["lr"], trials
+
+
+def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str, os.PathLike]] = None
+             ) -> Dict[str, Any]:
     """Train and evaluate one cell in this process and return its record.
 
-    A method that does not apply to the backbone (:class:`~promptmatch.MethodNotApplicableError`
-    from :func:`promptmatch.create_segmentor`) gives a record with ``status: "skipped"`` and
-    the reason; every other exception propagates (the grid records it as ``error`` with its
-    traceback).
-    Training that meets a non-finite loss or gradient (more than the spec's ``max_bad_steps``
-    times) gives ``status: "diverged"`` with the step, loss and learning rate
-    (``diverged_at_step``, ``diverged_loss``, ``diverged_lr``) and no mIoU.
+    The cell's engine (setting ``engine``) decides how: ``memory`` trains in this process on
+    tensors (offline datasets and small folders); ``mmengine`` builds an mmseg config and runs
+    it through mmengine's Runner (:mod:`.mmseg_cell`), writing the config, logs and prompt
+    checkpoint under ``work_dir``.
+
+    With an lr sweep (a setting's ``lr`` mapping), each of the method's learning rates is
+    tried on the training split minus a held-out part (``holdout``), the best on the held-out
+    part is chosen (a diverged trial is worst), and the cell trains on the whole training
+    split with it; the record holds ``lr_trials`` and ``lr_chosen``.
+
+    A method that does not apply to the backbone (:class:`~promptmatch.MethodNotApplicableError`)
+    gives a record with ``status: "skipped"`` and the reason; every other exception propagates
+    (the grid records it as ``error`` with its traceback). Training that meets a non-finite
+    loss or gradient (more than the spec's ``max_bad_steps`` times) gives ``status:
+    "diverged"`` with the step, loss and learning rate and no mIoU.
     Peak memory is this process's peak RSS after training minus its peak before the model
     was built (CPU), or the CUDA allocator's peak (GPU): run one cell per process.
     """
-    import numpy as np
     import torch
 
     import promptmatch as pm
     from promptmatch.divergence import DivergenceError
-    from promptmatch.training import _sync, evaluate_segmentor, train_segmentor
 
     cell = cell if isinstance(cell, Cell) else Cell.from_dict(cell)
     t_start = time.perf_counter()
-    s = cell.settings
-    rec: Dict[str, Any] = {"version": RECORD_VERSION, "key": cell.key, "method": cell.method,
-                           "method_name": cell.method_name, "method_cfg": cell.method_cfg,
-                           "backbone": cell.backbone, "dataset": cell.dataset["name"], "splits": cell.dataset["splits"],
-                           "settings": s, "setting_label": settings_label(s), "seed": cell.seed}
+    rec = record_head(cell)
     if cell.threads > 0:
         torch.set_num_threads(cell.threads)
     device = torch.device("cuda" if cell.device == "cuda" or (cell.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     rec["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    (train_x, train_y), evals, classes = _load_data(cell.dataset, s["image_size"])
-    k = len(classes)
-    torch.manual_seed(cell.seed)
-    baseline_mb = _maxrss_mb()
-    weights, remap, pretrained = _weights_for(cell.backbone)
+    if rec["engine"] == "mmengine":
+        from .mmseg_cell import MmengineEngine
+
+        engine: Any = MmengineEngine(cell, device, Path(work_dir) if work_dir else None)
+    else:
+        engine = MemoryEngine(cell, device)
     try:
-        model = pm.create_segmentor(cell.backbone["name"], cell.method_name, k, s["decoder"], class_names=classes,
-                                    method_cfg=cell.method_cfg or None, decoder_cfg=s.get("decoder_cfg"),
-                                    weights=weights, weights_remap=remap, pretrained=pretrained,
-                                    num_stages=cell.backbone.get("num_stages"),
-                                    backbone_kwargs=cell.backbone.get("kwargs") or None)
+        engine.prepare()
+        lrs = method_lrs(cell.settings, cell.method, cell.method_name)
+        lr = lrs[0]
+        if len(lrs) > 1:
+            lr, trials = sweep_lr(cell, engine.trial)
+            rec.update(lr_trials=trials, holdout_fraction=cell.settings["holdout"])
+            if lr is None:
+                last = trials[-1]
+                rec.update(status="diverged", reason="every lr of the sweep diverged: " + "; ".join(
+                    f"lr {t['lr']:g}: {t.get('reason', '')}" for t in trials), diverged_at_step=None,
+                    diverged_loss=None, diverged_lr=last["lr"], diverged_what="sweep", skipped_steps=[],
+                    wall_s=time.perf_counter() - t_start, versions=_versions())
+                return rec
+            rec["lr_chosen"] = lr
+        rec.update(engine.final(lr))
     except pm.MethodNotApplicableError as e:  # anything else is an error of the cell, with its traceback
         _logger.info("skipping %s on %s: %s", cell.method, cell.backbone["name"], e)
-        rec.update(status="skipped", reason=f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t_start,
-                   versions=_versions())
-        return rec
-    model.to(device)
-    rec["method_config"] = model.method.config.to_dict()
-    rep = pm.parameter_report(model)
-    rec.update(trainable_params=rep.trainable, backbone_params=rep.backbone_total,
-               trainable_pct=rep.percent_of_backbone(rep.trainable), parameters=rep.as_dict())
-
-    # training (as tools/demo.py: AdamW, polynomial decay, random flips)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        run = train_segmentor(model, train_x, train_y, s["steps"], s["batch"], s["lr"], seed=cell.seed,
-                              device=device, max_bad_steps=cell.max_bad_steps)
+        rec.update(status="skipped", reason=f"{type(e).__name__}: {e}")
     except DivergenceError as e:  # a result of its own: never ranked, never an "ok" cell
         _logger.warning("cell diverged: %s", e)
-        rec.update(status="diverged", reason=str(e), diverged_at_step=e.step, diverged_loss=e.loss,
-                   diverged_lr=e.lr, diverged_what=e.reason, skipped_steps=e.skipped,
-                   wall_s=time.perf_counter() - t_start, versions=_versions())
-        return rec
-    times, losses = run["times"], run["losses"]
-    rec["skipped_steps"] = run["skipped"]
-    warm = times[min(s["warmup"], len(times) - 1):]
-    step_s = float(np.median(warm))
-    if device.type == "cuda":
-        rec.update(peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20, peak_mem_kind="cuda max_memory_allocated")
+        rec.update({k: v for k, v in getattr(engine, "partial", {}).items() if k not in ("miou", "per_class_iou")})
+        rec.update(diverged_fields(e))
     else:
-        peak = _maxrss_mb()
-        rec.update(peak_mem_mb=peak - baseline_mb, peak_mem_kind="cpu peak RSS - baseline",
-                   peak_rss_mb=peak, baseline_rss_mb=baseline_mb)
-    rec.update(step_time_median_s=step_s, throughput_img_s=s["batch"] / step_s, train_s=float(sum(times)),
-               loss_first=losses[0], loss_last=losses[-1])
-
-    # evaluation
-    model.eval()
-    rec["miou"], rec["per_class_iou"] = {}, {}
-    with torch.no_grad():
-        for split, (x, y) in evals.items():
-            m, per_class, _ = evaluate_segmentor(model, x, y, k, batch=s["eval_batch"], device=device)
-            rec["miou"][split] = m
-            rec["per_class_iou"][split] = dict(zip(classes, per_class))
-        # latency: one image at a time
-        first = next(iter(evals.values()))[0]
-        n = min(s["latency_images"], len(first))
-        lat = []
-        for i in range(n + 2):
-            xi = first[i % len(first): i % len(first) + 1].to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            model(xi)
-            _sync(device)
-            if i >= 2:
-                lat.append(time.perf_counter() - t0)
-        rec["latency_ms_median"] = 1000 * float(np.median(lat))
-
-    with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
-        ckpt = pm.save_prompts(model, Path(tmp) / "prompts.safetensors",
-                               extra={"dataset": cell.dataset["name"], "seed": cell.seed})
-        rec["checkpoint_bytes"] = Path(ckpt).stat().st_size
-    rec.update(status="ok", wall_s=time.perf_counter() - t_start, versions=_versions())
+        rec["status"] = "ok"
+    rec.update(wall_s=time.perf_counter() - t_start, versions=_versions())
     return rec
 
 
-def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None) -> Dict[str, Any]:
+class MemoryEngine:
+    """The in-process engine: tensors in memory, :func:`promptmatch.training.train_segmentor`."""
+
+    def __init__(self, cell: Cell, device: Any):
+        self.cell, self.device = cell, device
+
+    def prepare(self) -> None:
+        from .data import entry_classes, memory_tensors
+
+        c, size = self.cell, self.cell.settings["image_size"]
+        train_split = c.dataset.get("train_split", "train")
+        self.train = memory_tensors(c.dataset, train_split, size)
+        self.evals = {key: memory_tensors(entry, split, size) for key, entry, split in eval_sets(c)}
+        self.classes = entry_classes(c.dataset)
+        self._build()  # a method that does not apply is skipped before any training
+
+    def _build(self):
+        import torch
+
+        import promptmatch as pm
+
+        c = self.cell
+        torch.manual_seed(c.seed)
+        weights, remap, pretrained = _weights_for(c.backbone)
+        return pm.create_segmentor(c.backbone["name"], c.method_name, len(self.classes), c.settings["decoder"],
+                                   class_names=self.classes, method_cfg=c.method_cfg or None,
+                                   decoder_cfg=c.settings.get("decoder_cfg"), weights=weights, weights_remap=remap,
+                                   pretrained=pretrained, num_stages=c.backbone.get("num_stages"),
+                                   backbone_kwargs=c.backbone.get("kwargs") or None).to(self.device)
+
+    def _train(self, model, x, y, lr: float):
+        from promptmatch.training import train_segmentor
+
+        s = self.cell.settings
+        wd = s.get("weight_decay")
+        return train_segmentor(model, x, y, s["steps"], s["batch"], lr, seed=self.cell.seed, device=self.device,
+                               max_bad_steps=self.cell.max_bad_steps, amp=s.get("amp"),
+                               channels_last=bool(s.get("channels_last")), compile=bool(s.get("compile")),
+                               weight_decay=0.01 if wd is None else wd)
+
+    def _evaluate(self, model, x, y):
+        from promptmatch.training import evaluate_segmentor
+
+        s = self.cell.settings
+        slide = s.get("eval_mode") == "slide"
+        return evaluate_segmentor(model, x, y, len(self.classes), batch=s["eval_batch"], device=self.device,
+                                  mode=s.get("eval_mode", "whole"), crop=s.get("eval_crop") if slide else None,
+                                  stride=s.get("eval_stride") if slide else None, amp=s.get("amp"),
+                                  channels_last=bool(s.get("channels_last")))
+
+    def trial(self, lr: float) -> float:
+        from promptmatch.training import holdout_split
+
+        x, y = self.train
+        tr, ho = holdout_split(len(x), self.cell.settings["holdout"], seed=0)
+        model = self._build()
+        self._train(model, x[tr], y[tr], lr)
+        return self._evaluate(model, x[ho], y[ho])[0]
+
+    def final(self, lr: float) -> Dict[str, Any]:
+        import numpy as np
+        import torch
+
+        import promptmatch as pm
+        from promptmatch.inference import segment_logits
+
+        c, s, device = self.cell, self.cell.settings, self.device
+        out: Dict[str, Any] = {}
+        self.partial = out  # what a diverged record keeps (the model's parameters)
+        baseline_mb = _maxrss_mb()
+        model = self._build()
+        out["method_config"] = model.method.config.to_dict()
+        rep = pm.parameter_report(model)
+        out.update(trainable_params=rep.trainable, backbone_params=rep.backbone_total,
+                   trainable_pct=rep.percent_of_backbone(rep.trainable), parameters=rep.as_dict())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run = self._train(model, *self.train, lr)
+        times, losses = run["times"], run["losses"]
+        out["skipped_steps"] = run["skipped"]
+        step_s = float(np.median(times[min(s["warmup"], len(times) - 1):]))
+        out.update(_peak_memory(device, baseline_mb))
+        out.update(step_time_median_s=step_s, throughput_img_s=s["batch"] / step_s, train_s=float(sum(times)),
+                   loss_first=losses[0], loss_last=losses[-1], lr_used=lr)
+        model.eval()
+        out["miou"], out["per_class_iou"] = {}, {}
+        with torch.no_grad():
+            for key, (x, y) in self.evals.items():
+                m, per_class, _ = self._evaluate(model, x, y)
+                out["miou"][key] = m
+                out["per_class_iou"][key] = dict(zip(self.classes, per_class))
+            first = next(iter(self.evals.values()))[0]
+            slide = s.get("eval_mode") == "slide"
+
+            def infer(xi):
+                segment_logits(model, xi.to(device), mode=s.get("eval_mode", "whole"),
+                               crop=s.get("eval_crop") if slide else None,
+                               stride=s.get("eval_stride") if slide else None, amp=s.get("amp"))
+            out["latency_ms_median"] = _latency_ms(infer, [first[i % len(first)][None] for i in
+                                                           range(min(s["latency_images"], len(first)) + 2)], device)
+        with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
+            ckpt = pm.save_prompts(model, Path(tmp) / "prompts.safetensors",
+                                   extra={"dataset": c.dataset["name"], "seed": c.seed})
+            out["checkpoint_bytes"] = Path(ckpt).stat().st_size
+        return out
+
+
+def _peak_memory(device: Any, baseline_mb: float) -> Dict[str, Any]:
+    import torch
+
+    if device.type == "cuda":
+        return dict(peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20, peak_mem_kind="cuda max_memory_allocated")
+    peak = _maxrss_mb()
+    return dict(peak_mem_mb=peak - baseline_mb, peak_mem_kind="cpu peak RSS - baseline", peak_rss_mb=peak,
+                baseline_rss_mb=baseline_mb)
+
+
+def _latency_ms(infer: Callable[[Any], Any], inputs: List[Any], device: Any) -> float:
+    """Median wall time (ms) of ``infer`` over ``inputs``, the first two left out (warm-up)."""
+    import numpy as np
+
+    from promptmatch.training import _sync
+
+    lat = []
+    for i, xi in enumerate(inputs):
+        _sync(device)
+        t0 = time.perf_counter()
+        infer(xi)
+        _sync(device)
+        if i >= 2:
+            lat.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(lat)) if lat else float("nan")
+
+
+def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None,
+                      work_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
     """Run :func:`run_cell` in a fresh ``python -m promptmatch.benchmark --cell`` process.
 
     A child that fails gives a record with ``status: "error"`` and the tail of its stderr.
@@ -203,6 +324,8 @@ def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None) -> Dict[str
         env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("HF_HUB_OFFLINE", "1")
         cmd = [sys.executable, "-m", "promptmatch.benchmark", "--cell", str(cell_file), "--record", str(out_file)]
+        if work_dir is not None:
+            cmd += ["--work-dir", str(work_dir)]
         try:
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   timeout=timeout_s)

@@ -41,12 +41,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
+    ap.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.cell:  # child process: one cell
-        rec = run_cell(json.loads(Path(args.cell).read_text()))
+        rec = run_cell(json.loads(Path(args.cell).read_text()), work_dir=args.work_dir)
         tmp = Path(args.record).with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, allow_nan=True))
         tmp.replace(args.record)
@@ -90,6 +91,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.validate or args.list:
         print(f"{spec.name}: valid; {len(cells)} cells ({len(spec.methods)} methods x {len(spec.backbones)} backbones "
               f"x {len(spec.datasets)} datasets x {len(spec.settings)} settings x {len(spec.seeds)} seeds)")
+        if args.validate:
+            from .data import check_spec_data
+
+            problems = check_spec_data(spec, deep=True, progress=not args.no_progress)
+            if problems:
+                print(f"error: {len(problems)} data problem(s):\n  - " + "\n  - ".join(
+                    p.replace("\n", "\n    ") for p in problems), file=sys.stderr)
+                return 2
+            print("data: every dataset is where the spec says and well-formed")
         if args.list:
             for c in (cells if shard is None else cells[shard[0]::shard[1]]):
                 print(f"  {c.method:12s} {c.backbone['name']:24s} {c.dataset['name']:16s} "
@@ -102,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         written = run_benchmark(spec, out, max_cells=args.max_cells, retry_errors=args.retry_errors,
                                 progress=not args.no_progress, shard=shard)
-    except BenchmarkLockedError as e:
+    except (BenchmarkLockedError, SpecError) as e:  # SpecError: DataProblemsError, found before any training
         print(f"error: {e}", file=sys.stderr)
         return 2
     errors = sum(1 for r in written if r["status"] == "error")

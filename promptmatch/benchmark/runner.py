@@ -11,10 +11,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .cell import error_record, run_cell, run_cell_in_child
 from .report import write_report
-from .spec import BenchmarkSpec, expand_grid, settings_label
+from .spec import BenchmarkSpec, Cell, expand_grid, settings_label
 from .store import OutputLock, ResultStore
 
-__all__ = ["run_benchmark", "merge_results"]
+__all__ = ["run_benchmark", "merge_results", "cell_dir"]
 
 _logger = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress, report, isolate, shard)
+
+
+def cell_dir(out: Union[str, os.PathLike], cell: Cell) -> Path:
+    """``<out>/cells/<12 hex digits of the cell key>``: where an mmengine cell keeps its config,
+    logs and prompt checkpoint."""
+    import hashlib
+
+    return Path(out) / "cells" / hashlib.sha1(cell.key.encode()).hexdigest()[:12]
 
 
 def merge_results(out: Union[str, os.PathLike], sources: Sequence[Union[str, os.PathLike]]) -> int:
@@ -91,19 +99,26 @@ def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[in
         todo = todo[:max_cells]
     from promptmatch import datasets as pmdata
 
+    from .data import DataProblemsError, check_spec_data
+
     for d in spec.datasets:  # build once here, not concurrently in children
         if d.get("source", "offline") == "offline":
             pmdata.build_offline_dataset(d["name"])
+    if todo:
+        problems = check_spec_data(spec, deep=True, progress=progress)  # bad data: an error before any training
+        if problems:
+            raise DataProblemsError(problems)
     written = []
     bar = tqdm(total=len(todo), desc=f"benchmark {spec.name}", unit="cell", disable=not progress, dynamic_ncols=True)
     for cell in todo:
         bar.set_postfix_str(f"{cell.method} | {cell.backbone['name']} | {cell.dataset['name']} | "
                             f"{settings_label(cell.settings)} | seed {cell.seed}", refresh=True)
+        work_dir = cell_dir(out, cell)
         if isolate:
-            rec = run_cell_in_child(cell, spec.cell_timeout_s)
+            rec = run_cell_in_child(cell, spec.cell_timeout_s, work_dir=work_dir)
         else:
             try:
-                rec = run_cell(cell)
+                rec = run_cell(cell, work_dir=work_dir)
             except Exception:  # same record as a failed child: the traceback is the reason
                 rec = error_record(cell, traceback.format_exc()[-4000:], 0.0)
             if "peak_mem_kind" in rec and rec["peak_mem_kind"].startswith("cpu"):

