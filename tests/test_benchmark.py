@@ -165,6 +165,19 @@ def test_profiles_validate_and_grid():
     assert {"recurrent": False} in cfgs and {"semantic_guidance": False} in cfgs and {"boundaries": [2, 3]} in cfgs
     full = bm.load_spec(bm.profile_path("full"))
     assert full.device == "cuda" and full.backbones[0]["name"].startswith("vit_base_patch16")
+    assert [d["source"] for d in full.datasets] == ["mmseg_config"] * 3
+    full_cells = bm.expand_grid(full)
+    assert {c.settings["engine"] for c in full_cells} == {"mmengine"}
+    assert all(len(bm.method_lrs(c.settings, c.method)) == 3 for c in full_cells)  # same number of trials each
+    assert bm.method_lrs(full_cells[0].settings, "full") != bm.method_lrs(full_cells[0].settings, "linear")
+    gpu = bm.load_spec(bm.profile_path("gpu"))
+    engines = {(c.backbone["name"], c.settings["engine"]) for c in bm.expand_grid(gpu)}
+    assert engines == {("vit_base_patch16_224", "memory"), ("upernet_r50", "mmengine")}
+    assert gpu.device == "cuda" and all(s["amp"] == "bf16" and s["image_size"] == 512 for s in gpu.settings)
+    from pathlib import Path
+
+    for example in sorted((Path(__file__).resolve().parents[1] / "configs" / "benchmark").glob("*.json")):
+        assert bm.expand_grid(bm.load_spec(example)), example  # the shipped example specs validate
     keys = [c.key for c in bm.expand_grid(quick)]
     assert len(keys) == len(set(keys))
 

@@ -356,3 +356,27 @@ def test_import_and_build_are_silent_and_light(tmp_path, no_wheels):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == "", (res.stdout, res.stderr)
+
+
+def test_render_as_folder_matches_the_build_at_its_size_and_renders_larger(built, tmp_path):
+    """render_offline_as_folder draws the same scenes: at the built-in size it equals the
+    built dataset pixel for pixel; at 2x it is a folder dataset of the same scenes at 256 px."""
+    from promptmatch.datasets import (
+        check_folder_dataset, describe_folder_dataset, load_folder_split, load_offline_split,
+        render_offline_as_folder,
+    )
+
+    same = render_offline_as_folder("nuclei", tmp_path / "same", O.IMAGE_SIZE, splits=["val"])
+    imgs, labels = load_folder_split(describe_folder_dataset(same, splits=("val",)), "val")
+    ref_imgs, ref_labels = load_offline_split(built("nuclei"), "val")
+    assert np.array_equal(imgs, ref_imgs) and np.array_equal(labels, ref_labels)
+    big = render_offline_as_folder("nuclei", tmp_path / "big", 2 * O.IMAGE_SIZE, splits=["val"])
+    fd = describe_folder_dataset(big, splits=("val",))
+    assert fd.classes == tuple(O.dataset_classes("nuclei"))
+    assert check_folder_dataset(fd) == {"val": len(ref_labels)}
+    big_imgs, big_labels = load_folder_split(fd, "val")
+    assert big_labels.shape[1:] == (256, 256)
+    # the same layout: the 256 px labels, taken every other pixel, mostly agree with the 128 px ones
+    assert (big_labels[:, ::2, ::2] == ref_labels).mean() > 0.9
+    with pytest.raises(FileExistsError):
+        render_offline_as_folder("nuclei", big, 64)

@@ -26,7 +26,7 @@ from .cell import RECORD_VERSION, error_record, run_cell, run_cell_in_child
 from .cli import main
 from .report import _diverged_section, _rankings, _relative_section, _tau  # noqa: F401 (used by tests)
 from .report import aggregate, kendall_tau_b, write_report
-from .runner import merge_results, run_benchmark
+from .runner import cell_dir, merge_results, run_benchmark
 from .spec import (
     EFFICIENTNET_LITE0_WEIGHTS,
     PROFILE_DIR,
@@ -39,9 +39,12 @@ from .spec import (
     list_profiles,
     load_spec,
     profile_path,
+    method_lrs,
+    resolve_engine,
     settings_label,
     validate_spec,
 )
+from .data import DataProblemsError, check_spec_data
 from .store import BenchmarkLockedError, OutputLock, ResultStore
 
 __all__ = [
@@ -57,6 +60,11 @@ __all__ = [
     "RECORD_VERSION",
     "cell_key",
     "settings_label",
+    "method_lrs",
+    "resolve_engine",
+    "DataProblemsError",
+    "check_spec_data",
+    "cell_dir",
     "profile_path",
     "list_profiles",
     "load_spec",

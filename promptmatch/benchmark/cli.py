@@ -83,11 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         spec = load_spec(args.spec if args.spec else profile_path(args.profile or "quick"))
+        cells = expand_grid(spec)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"work_dirs/bench_{spec.name}")
-    cells = expand_grid(spec)
     if args.validate or args.list:
         print(f"{spec.name}: valid; {len(cells)} cells ({len(spec.methods)} methods x {len(spec.backbones)} backbones "
               f"x {len(spec.datasets)} datasets x {len(spec.settings)} settings x {len(spec.seeds)} seeds)")

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .spec import BenchmarkSpec, SpecError
 
 __all__ = ["DataProblemsError", "entry_classes", "folder_of", "memory_tensors", "load_config_ref",
-           "mmseg_dataset_config", "check_spec_data"]
+           "mmseg_dataset_config", "check_spec_data", "train_count"]
 
 _logger = logging.getLogger(__name__)
 
@@ -133,9 +133,7 @@ def _folder_dataset_cfg(entry: Mapping[str, Any], split: str, pipeline: List[Dic
             raise SpecError(f"dataset {entry['name']!r}: the images of split {split!r} mix suffixes "
                             f"{sorted({p.suffix for p, _ in pairs})}; mmseg reads one: give 'img_suffix'")
     cfg["img_suffix"] = suffix
-    if indices is not None:
-        cfg["indices"] = list(indices)
-    return cfg
+    return _subset(cfg, indices)
 
 
 def mmseg_dataset_config(entry: Mapping[str, Any], split: str, train: bool, crop: Tuple[int, int],
@@ -159,9 +157,7 @@ def mmseg_dataset_config(entry: Mapping[str, Any], split: str, train: bool, crop
     if source == "offline":
         cfg = dict(type="promptmatch.OfflineSegDataset", name=entry["name"], split=split,
                    pipeline=train_pipe if train else test_pipe)
-        if indices is not None:
-            cfg["indices"] = list(indices)
-        return cfg, None
+        return _subset(cfg, indices), None
     full = load_config_ref(entry["mmseg_config"])
     loader = full.train_dataloader if split == "train" else full.val_dataloader
     ds = loader.dataset.to_dict() if hasattr(loader.dataset, "to_dict") else dict(loader.dataset)
@@ -172,10 +168,27 @@ def mmseg_dataset_config(entry: Mapping[str, Any], split: str, train: bool, crop
         ds["pipeline"] = [_rescale_transform(t, tuple(c), crop) for t in ds["pipeline"]]
         c = crop
     if entry.get("data_root"):
-        ds["data_root"] = entry["data_root"]
-    if indices is not None:
-        ds["indices"] = list(indices)
-    return ds, (tuple(c) if c is not None else None)
+        _set_data_root(ds, entry["data_root"])
+    return _subset(ds, indices), (tuple(c) if c is not None else None)
+
+
+def _subset(cfg: Dict[str, Any], indices: Optional[List[int]]) -> Dict[str, Any]:
+    if indices is None:
+        return cfg
+    return dict(type="promptmatch.SubsetDataset", dataset=cfg, indices=list(indices))
+
+
+def _set_data_root(cfg: Any, root: str) -> None:
+    """Replace the data_root of a dataset config and of the datasets a wrapper holds."""
+    if isinstance(cfg, (list, tuple)):
+        for c in cfg:
+            _set_data_root(c, root)
+    elif isinstance(cfg, Mapping):
+        if "data_root" in cfg or not ("dataset" in cfg or "datasets" in cfg):
+            cfg["data_root"] = root  # type: ignore[index]
+        for k in ("dataset", "datasets"):
+            if k in cfg:
+                _set_data_root(cfg[k], root)
 
 
 def _rescale_transform(t: Mapping[str, Any], old: Tuple[int, int], new: Tuple[int, int]) -> Dict[str, Any]:
@@ -202,6 +215,35 @@ def _data_roots(cfg: Mapping[str, Any]) -> List[str]:
     return out
 
 
+def train_count(entry: Mapping[str, Any]) -> int:
+    """Number of samples in an entry's training split."""
+    source = entry.get("source", "offline")
+    if source == "offline":
+        from promptmatch import datasets as pmdata
+
+        return int(pmdata.OFFLINE_DATASETS[entry["name"]].num_train)
+    if source == "folder":
+        from promptmatch.datasets.folder import folder_pairs
+
+        return len(folder_pairs(folder_of(entry), entry.get("train_split", "train")))
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import DATASETS
+
+    def bare(c: Any) -> Any:  # no pipelines: counting samples decodes nothing
+        if isinstance(c, list):
+            return [bare(x) for x in c]
+        if not isinstance(c, Mapping):
+            return c
+        c = {k: bare(v) if k in ("dataset", "datasets") else v for k, v in c.items()}
+        if "pipeline" in c:
+            c["pipeline"] = []
+        return c
+
+    ds, _ = mmseg_dataset_config(entry, "train", False, (512, 512))
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        return len(DATASETS.build(bare(ds)))
+
+
 def check_spec_data(spec: BenchmarkSpec, deep: bool = True, progress: bool = False) -> List[str]:
     """Every problem with the spec's datasets, before any training: missing folders and data
     roots, and with ``deep`` every bad-data case of a folder (an image without a mask or the
@@ -226,19 +268,43 @@ def check_spec_data(spec: BenchmarkSpec, deep: bool = True, progress: bool = Fal
                     problems.append(f"dataset {d['name']!r}: {e}")
                     classes[d["name"]] = None
             elif src == "mmseg_config":
+                from promptmatch.mmseg.runtime import _DATASET_HELP
+
+                missing: Dict[str, List[str]] = {}
                 for split in (["val"] if d.get("eval_only") else ["train", "val"]):
                     ds, _ = mmseg_dataset_config(d, split, train=split == "train", crop=(512, 512))
+                    dtype = str(ds.get("type", "?")).split(".")[-1]
                     for root in _data_roots(ds):
                         if not os.path.isdir(root):
-                            problems.append(f"dataset {d['name']!r} ({split}): data_root {root} does not exist "
-                                            f"(from {d['mmseg_config']}; give the entry a \"data_root\")")
-                            break
+                            missing.setdefault(root, []).append(split)
+                for root, splits in missing.items():
+                    splits = list(dict.fromkeys(splits))
+                    name, layout, where = _DATASET_HELP.get(dtype, (dtype, "see mmseg's dataset_prepare.md", "-"))
+                    problems.append(
+                        f"dataset {d['name']!r} ({'/'.join(splits)}): data_root {root} does not exist"
+                        f"{'' if os.path.isabs(root) else f' (relative to {os.getcwd()})'}; {name} is expected "
+                        f"there as {layout}; get it from {where}; or give the entry a \"data_root\"")
                 classes[d["name"]] = _mmseg_classes(d)
             else:
                 classes[d["name"]] = entry_classes(d)
         except SpecError as e:
             problems.append(str(e))
             classes[d["name"]] = None
+    sweeps = [st["holdout"] for st in spec.settings if isinstance(st.get("lr"), Mapping)]
+    for d in spec.datasets if sweeps else []:  # an lr sweep needs a training split it can split
+        if d.get("eval_only") or classes.get(d["name"]) is None:
+            continue
+        try:
+            n = train_count(d)
+        except Exception as e:  # counted again (and reported) when the cell runs
+            _logger.debug("could not count the training samples of %s: %s", d["name"], e)
+            continue
+        for frac in sorted(set(sweeps)):
+            k = round(frac * n)
+            if not 1 <= k <= n - 1:
+                problems.append(f"dataset {d['name']!r}: an lr sweep holds out {frac:g} of the training split, but "
+                                f"its {n} sample(s) leave {k} held out and {n - k} to train on; both need at "
+                                "least one: add training data or change the setting 'holdout'")
     for d in spec.datasets:
         for t in d.get("eval_on", []):
             a, b = classes.get(d["name"]), classes.get(t)

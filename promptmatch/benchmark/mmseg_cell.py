@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .cell import _latency_ms, _maxrss_mb, _peak_memory, _weights_for, eval_sets
-from .data import entry_classes, load_config_ref, mmseg_dataset_config
+from .data import entry_classes, load_config_ref, mmseg_dataset_config, train_count
 from .spec import ENGINE_WEIGHT_DECAY, Cell
 
 __all__ = ["MmengineEngine", "build_cell_config"]
@@ -243,21 +243,12 @@ class MmengineEngine:
         crop = (int(size), int(size)) if size else (512, 512)
         return mmseg_dataset_config(entry, split, False, crop, indices, explicit_size=bool(size))[0]
 
-    def _train_size(self) -> int:
-        from mmengine.registry import DefaultScope
-        from mmseg.registry import DATASETS
-
-        ds, _ = mmseg_dataset_config(self.cell.dataset, self.cell.dataset.get("train_split", "train"), False,
-                                     (512, 512))
-        with DefaultScope.overwrite_default_scope("mmseg"):
-            return len(DATASETS.build(dict(ds, pipeline=[], lazy_init=False)))
-
     def trial(self, lr: float) -> float:
         from promptmatch.training import holdout_split
 
         idx = getattr(self, "_trial_idx", None)
         if idx is None:
-            idx = self._trial_idx = holdout_split(self._train_size(), self.cell.settings["holdout"], seed=0)
+            idx = self._trial_idx = holdout_split(train_count(self.cell.dataset), self.cell.settings["holdout"], seed=0)
         tr, ho = idx
         n = len([p for p in self.work_dir.glob("lr_*")])
         runner, _ = self._runner(self.work_dir / f"lr_{n}", lr, tr)
@@ -300,11 +291,13 @@ class MmengineEngine:
             first_loop = first_loop or loop
         # latency: mmseg's whole test step (preprocessing, whole or sliding-window inference) on one image
         model.eval()
+        n = int(s["latency_images"]) + 2  # two warm-up calls
         samples = []
-        for i, data in enumerate(first_loop.dataloader):
+        for data in first_loop.dataloader:
             samples.append(data)
-            if len(samples) >= min(int(s["latency_images"]), len(first_loop.dataloader.dataset)) + 2:
+            if len(samples) >= n:
                 break
+        samples = [samples[i % len(samples)] for i in range(n)]  # a small val split is timed again
         with torch.no_grad():
             out["latency_ms_median"] = _latency_ms(model.test_step, samples, self.device)
         ckpt = self.work_dir / "prompts.safetensors"

@@ -549,7 +549,7 @@ def _rel(path: Path, ds: FolderDataset, split: str, sub: str) -> Tuple[str, str]
 def _inspect_pair(ds: FolderDataset, split: str, img: Path, mask: Path, decode_mask: bool
                   ) -> List[_Issue]:
     """Problems of one image/mask pair: unreadable files, sizes, mask mode and labels. The
-    image is checked from its header and PNG chunk checksums, not decoded."""
+    image is checked from its header and PNG chunk checksums (other formats: decoded)."""
     from PIL import Image
 
     issues: List[_Issue] = []
@@ -559,7 +559,11 @@ def _inspect_pair(ds: FolderDataset, split: str, img: Path, mask: Path, decode_m
     try:
         with Image.open(img) as im:
             img_size = im.size
+            fmt = im.format
             im.verify()
+        if fmt != "PNG":  # verify() checks PNG chunk checksums only: decode the others (a truncated JPEG)
+            with Image.open(img) as im:
+                im.load()
     except Exception as exc:  # anything PIL raises on a broken file
         issues.append(_Issue("unreadable_img", img_w, img_name, _describe_exc(exc, img)))
     mask_size = None

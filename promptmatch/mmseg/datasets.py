@@ -1,14 +1,14 @@
 """The offline datasets as mmseg datasets: ``type='promptmatch.OfflineSegDataset'``."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional, Sequence
 
 from mmseg.datasets import BaseSegDataset
 
 from ..datasets import SPLITS, build_offline_dataset, dataset_classes, dataset_palette, list_offline_datasets
 from ..registry import DATASETS
 
-__all__ = ["OfflineSegDataset"]
+__all__ = ["OfflineSegDataset", "SubsetDataset"]
 
 
 @DATASETS.register_module()
@@ -42,3 +42,30 @@ class OfflineSegDataset(BaseSegDataset):
             metainfo=metainfo,
             **kwargs,
         )
+
+
+@DATASETS.register_module()
+class SubsetDataset:
+    """The samples ``indices`` of another dataset (any mmseg/mmengine dataset or wrapper, e.g.
+    a ``ConcatDataset``): ``dict(type='promptmatch.SubsetDataset', dataset=..., indices=[...])``.
+
+    Used by the benchmark to train on a training split minus its held-out part.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+        n = len(self.dataset)
+        self.indices: List[int] = [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"SubsetDataset: indices {bad[:5]} out of range for a dataset of {n} samples")
+
+    @property
+    def metainfo(self) -> dict:
+        return self.dataset.metainfo
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, idx: int) -> Any:
+        return self.dataset[self.indices[idx]]

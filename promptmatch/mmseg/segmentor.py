@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..checkpoint import backbone_architecture, describe_model
 from ..core import PromptedCore
 from ..divergence import DivergenceError, DivergenceGuard, check_max_bad_steps
-from ..methods import get_method, interim_losses
+from ..methods import MethodNotApplicableError, get_method, interim_losses
 from ..report import parameter_report
 from ..registry import MODELS
 
@@ -115,7 +115,7 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
 
         is_timm = isinstance(self.backbone, TimmBackbone)
         if method_cls.renames_backbone_keys and not is_timm:
-            raise ValueError(
+            raise MethodNotApplicableError(
                 f"method {method!r} renames the backbone's state_dict keys, so the pretrained weights that "
                 f"mmseg loads later through init_cfg would miss them; use backbone type "
                 "'promptmatch.TimmBackbone' (its weights load when it is built) or the Python API"

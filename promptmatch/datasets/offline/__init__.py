@@ -43,6 +43,7 @@ from .build import (  # noqa: F401  (private names: kept importable from here)
     _build_lock,
     _problems,
     build_offline_dataset,
+    render_offline_as_folder,
     default_data_root,
     verify_offline_dataset,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "dataset_classes",
     "dataset_palette",
     "build_offline_dataset",
+    "render_offline_as_folder",
     "verify_offline_dataset",
     "load_offline_split",
     "mmseg_dataset_config",

@@ -264,3 +264,52 @@ def build_offline_dataset(name: str, root: Optional[PathLike] = None, force: boo
                  ", ".join(f"{k} {v}" for k, v in meta["splits"].items()),
                  time.perf_counter() - t0, target)
     return target
+
+
+def render_offline_as_folder(name: str, dest: PathLike, size: int, splits: Optional[List[str]] = None) -> Path:
+    """Render offline dataset ``name``'s scenes at ``size`` x ``size`` pixels into a folder
+    dataset (mmseg layout and ``classes.json``) at ``dest``.
+
+    The scenes are the same as :func:`build_offline_dataset`'s (same layouts, same source
+    areas), sampled from the source images at the larger size instead of upscaled, so a
+    ``size=256`` copy has real detail at 256 px where the sources have it (the scikit-image
+    photos are 300-512 px). Only ``train`` and ``val`` (default both); the shifted splits are
+    defined at the built-in size. Written into a temporary folder and renamed into place;
+    ``dest`` must not exist or be empty.
+    """
+    spec = _get_spec(name)
+    if not isinstance(size, int) or size < 32:
+        raise ValueError(f"size must be an integer >= 32, got {size!r}")
+    splits = list(splits or ["train", "val"])
+    bad = [s for s in splits if s not in ("train", "val")]
+    if bad:
+        raise ValueError(f"render_offline_as_folder renders 'train' and 'val' only, got {bad}")
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} exists and is not empty; give a new folder")
+    bank = _SourceBank()
+    keys = list(dict.fromkeys(spec.sources))
+    areas = {k: _SOURCES[k].areas() for k in keys}
+    make = _SCENE_MAKERS[spec.kind]
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        for split, stream, count in (("train", _TRAIN_STREAM, spec.num_train), ("val", _VAL_STREAM, spec.num_val)):
+            if split not in splits:
+                continue
+            (tmp / "img_dir" / split).mkdir(parents=True)
+            (tmp / "ann_dir" / split).mkdir(parents=True)
+            area_idx = 0 if split == "train" else 1
+            for i in range(count):
+                scene = make(spec, _rng(spec, stream, i), i, {k: a[area_idx] for k, a in areas.items()})
+                img, label, _ = scene.render(bank, n=size)
+                Image.fromarray(img, "RGB").save(tmp / "img_dir" / split / f"{i:04d}.png", compress_level=1)
+                Image.fromarray(label, "L").save(tmp / "ann_dir" / split / f"{i:04d}.png", compress_level=1)
+        (tmp / "classes.json").write_text(json.dumps(
+            {"classes": list(spec.classes), "palette": [list(c) for c in spec.palette]}, indent=1) + "\n")
+        if dest.exists():
+            dest.rmdir()
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
