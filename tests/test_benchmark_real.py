@@ -147,7 +147,11 @@ def test_folder_dataset_end_to_end_through_cli(engine, folder, tmp_path, in_proc
         assert rec["engine"] == engine and rec["settings"]["engine"] == engine
         assert rec["settings"]["eval_mode"] == "slide" and "slide48/32" in rec["setting_label"]
         assert rec["checkpoint_bytes"] > 0
+        meta = pm.read_prompt_metadata(rec["checkpoint"])  # the cell's prompt checkpoint, kept in its folder
+        assert meta["method"] == rec["method"] and meta["class_names"] == CLASSES
         if engine == "memory":
+            ran = json.loads(Path(rec["config_file"]).read_text())  # what the cell ran
+            assert ran["method"] == rec["method"] and ran["lr"] == rec["lr_used"]
             continue
         from mmengine.config import Config
 
@@ -159,8 +163,7 @@ def test_folder_dataset_end_to_end_through_cli(engine, folder, tmp_path, in_proc
         meta = pm.read_prompt_metadata(rec["checkpoint"])
         assert meta["method"] == rec["method"] and meta["class_names"] == CLASSES
         assert meta["backbone"]["architecture"] == "test_resnet"
-    if engine == "mmengine":
-        assert len(cell_dirs(out)) == 3
+    assert len(cell_dirs(out)) == 3
     report = (out / "report.md").read_text()
     assert "## mine" in report and "| spm |" in report and "| lora |" in report
 

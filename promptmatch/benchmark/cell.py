@@ -144,7 +144,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
 
         engine: Any = MmengineEngine(cell, device, Path(work_dir) if work_dir else None)
     else:
-        engine = MemoryEngine(cell, device)
+        engine = MemoryEngine(cell, device, Path(work_dir) if work_dir else None)
     try:
         engine.prepare()
         lrs = method_lrs(cell.settings, cell.method, cell.method_name)
@@ -177,8 +177,8 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
 class MemoryEngine:
     """The in-process engine: tensors in memory, :func:`promptmatch.training.train_segmentor`."""
 
-    def __init__(self, cell: Cell, device: Any):
-        self.cell, self.device = cell, device
+    def __init__(self, cell: Cell, device: Any, work_dir: Optional[Path] = None):
+        self.cell, self.device, self.work_dir = cell, device, work_dir
 
     def prepare(self) -> None:
         from .data import entry_classes, memory_tensors
@@ -274,10 +274,17 @@ class MemoryEngine:
                                stride=s.get("eval_stride") if slide else None, amp=s.get("amp"))
             out["latency_ms_median"] = _latency_ms(infer, [first[i % len(first)][None] for i in
                                                            range(min(s["latency_images"], len(first)) + 2)], device)
-        with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
-            ckpt = pm.save_prompts(model, Path(tmp) / "prompts.safetensors",
-                                   extra={"dataset": c.dataset["name"], "seed": c.seed})
-            out["checkpoint_bytes"] = Path(ckpt).stat().st_size
+        extra = {"dataset": c.dataset["name"], "seed": c.seed, "lr": lr}
+        if self.work_dir is not None:  # the cell's files: what it ran and its prompt checkpoint
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            (self.work_dir / "cell.json").write_text(json.dumps(dict(c.to_dict(), lr=lr), indent=1) + "\n")
+            ckpt = pm.save_prompts(model, self.work_dir / "prompts.safetensors", extra=extra)
+            out.update(checkpoint=str(ckpt), checkpoint_bytes=Path(ckpt).stat().st_size,
+                       config_file=str(self.work_dir / "cell.json"), work_dir=str(self.work_dir))
+        else:
+            with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
+                ckpt = pm.save_prompts(model, Path(tmp) / "prompts.safetensors", extra=extra)
+                out["checkpoint_bytes"] = Path(ckpt).stat().st_size
         return out
 
 
