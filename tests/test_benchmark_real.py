@@ -582,3 +582,35 @@ def test_bf16_on_cpu_both_engines(folder, tmp_path):
         assert math.isfinite(rec["loss_last"])
     cfg = Config.fromfile(recs[1]["config_file"])
     assert cfg.optim_wrapper.type == "promptmatch.AutocastOptimWrapper" and cfg.optim_wrapper.dtype == "bfloat16"
+
+
+@pytest.mark.slow
+def test_torchrun_trains_mmengine_cells_data_parallel(folder, tmp_path):
+    """Under torchrun (2 CPU processes, gloo) mmengine cells train with mmengine's DDP over both
+    processes; memory cells run on rank 0 alone; rank 0 writes one record per cell."""
+    pytest.importorskip("mmseg")
+    spec = {"name": "dist", "methods": ["linear", "spm"], "backbones": ["test_resnet"],
+            "datasets": [{"name": "mine", "folder": str(folder)}],
+            "settings": [{"image_size": 64, "steps": 2, "batch": 2, "warmup": 0, "latency_images": 1, "workers": 0,
+                          "eval_mode": "slide", "eval_crop": 48, "eval_stride": 32},
+                         {"image_size": 64, "steps": 2, "batch": 2, "warmup": 0, "latency_images": 1,
+                          "engine": "memory"}],
+            "seeds": [0]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29547", "-m", "promptmatch.benchmark", "--spec", str(path),
+                           "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = records(out)
+    assert sorted((r["method"], r["engine"]) for r in recs) == [
+        ("linear", "memory"), ("linear", "mmengine"), ("spm", "memory"), ("spm", "mmengine")]
+    for rec in recs:
+        _ok(rec)
+        assert rec["world_size"] == (2 if rec["engine"] == "mmengine" else 1)
+    logs = "".join(p.read_text() for p in (out / "cells").glob("*/*/*.log"))
+    assert "promptmatch.CPUDistributedDataParallel" in logs and "Distributed training: True" in logs
+    assert (out / "report.md").is_file()

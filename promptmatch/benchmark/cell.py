@@ -104,8 +104,8 @@ def sweep_lr(cell: Cell, trial: Callable[[float], float]) -> Tuple[Optional[floa
     return max(ok, key=lambda t: t["holdout_miou"])["lr"], trials
 
 
-def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str, os.PathLike]] = None
-             ) -> Dict[str, Any]:
+def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str, os.PathLike]] = None,
+             launcher: str = "none") -> Dict[str, Any]:
     """Train and evaluate one cell in this process and return its record.
 
     The cell's engine (setting ``engine``) decides how: ``memory`` trains in this process on
@@ -117,6 +117,9 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
     tried on the training split minus a held-out part (``holdout``), the best on the held-out
     part is chosen (a diverged trial is worst), and the cell trains on the whole training
     split with it; the record holds ``lr_trials`` and ``lr_chosen``.
+
+    ``launcher="pytorch"`` (under ``torchrun``, every process calls this): the mmengine
+    engine trains and evaluates data-parallel over the process group.
 
     A method that does not apply to the backbone (:class:`~promptmatch.MethodNotApplicableError`)
     gives a record with ``status: "skipped"`` and the reason; every other exception propagates
@@ -142,7 +145,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
     if rec["engine"] == "mmengine":
         from .mmseg_cell import MmengineEngine
 
-        engine: Any = MmengineEngine(cell, device, Path(work_dir) if work_dir else None)
+        engine: Any = MmengineEngine(cell, device, Path(work_dir) if work_dir else None, launcher)
     else:
         engine = MemoryEngine(cell, device, Path(work_dir) if work_dir else None)
     try:

@@ -38,6 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the cells of the grid and exit")
     ap.add_argument("--validate", action="store_true", help="validate the spec and exit")
     ap.add_argument("--list-profiles", action="store_true", help="list the profiles shipped with promptmatch and exit")
+    ap.add_argument("--launcher", choices=["none", "pytorch"], default=None,
+                    help="pytorch: started by torchrun; mmengine cells train data-parallel over its processes "
+                    "(default: pytorch when torchrun's WORLD_SIZE > 1)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
@@ -110,11 +113,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     t0 = time.perf_counter()
     try:
+        launcher = args.launcher or ("pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none")
         written = run_benchmark(spec, out, max_cells=args.max_cells, retry_errors=args.retry_errors,
-                                progress=not args.no_progress, shard=shard)
+                                progress=not args.no_progress, shard=shard, launcher=launcher)
     except (BenchmarkLockedError, SpecError) as e:  # SpecError: DataProblemsError, found before any training
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if launcher != "none":
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return 0  # rank 0 reports
     errors = sum(1 for r in written if r["status"] == "error")
     diverged = sum(1 for r in written if r["status"] == "diverged")
     print(f"{len(written)} cells run in {time.perf_counter() - t0:.0f} s ({errors} failed, {diverged} diverged); "

@@ -181,10 +181,10 @@ class _StepTimer:
 class MmengineEngine:
     """Runs a cell's trials and final training through mmengine's Runner."""
 
-    def __init__(self, cell: Cell, device: Any, work_dir: Optional[Path]):
+    def __init__(self, cell: Cell, device: Any, work_dir: Optional[Path], launcher: str = "none"):
         import tempfile
 
-        self.cell, self.device = cell, device
+        self.cell, self.device, self.launcher = cell, device, launcher
         if work_dir is None:  # in-process use without an output folder: a temporary one
             self._tmp = tempfile.TemporaryDirectory(prefix="pm-cell-")
             work_dir = Path(self._tmp.name)
@@ -201,9 +201,13 @@ class MmengineEngine:
     def _runner(self, work_dir: Path, lr: float, train_indices: Optional[List[int]] = None):
         from mmengine.runner import Runner
 
+        from promptmatch.mmseg.runtime import prepare_distributed
+
         cfg = build_cell_config(self.cell, work_dir, lr, train_indices)
         work_dir.mkdir(parents=True, exist_ok=True)
         cfg.dump(str(work_dir / "config.py"))
+        cfg.launcher = self.launcher
+        prepare_distributed(cfg, self.launcher)  # torchrun: mmengine's DDP (gloo on CPUs)
         cfg["experiment_name"] = f"pm-{work_dir.name}-{time.time_ns()}"
         return Runner.from_cfg(cfg), cfg
 

@@ -21,7 +21,8 @@ _logger = logging.getLogger(__name__)
 
 def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: Optional[int] = None,
                   retry_errors: bool = False, progress: bool = True, report: bool = True,
-                  isolate: bool = True, shard: Optional[Tuple[int, int]] = None) -> List[Dict[str, Any]]:
+                  isolate: bool = True, shard: Optional[Tuple[int, int]] = None,
+                  launcher: str = "none") -> List[Dict[str, Any]]:
     """Run every unfinished cell of ``spec`` (each in a child process), appending to ``<out>/results.jsonl``.
 
     Args:
@@ -33,6 +34,11 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
         shard: ``(k, n)``: only the cells at positions k, k + n, k + 2n, ... of the grid
             (:func:`expand_grid`'s order), so n machines or GPUs share a grid, each with its
             own ``out``; :func:`merge_results` joins their folders.
+        launcher: ``"pytorch"`` when started by ``torchrun`` (several processes): every
+            process runs the grid in-process and the mmengine cells train with mmengine's
+            distributed data parallel over all of them (``batch`` is per process); in-memory
+            cells run on rank 0 alone. Rank 0 holds the lock and writes the records and the
+            report.
 
     Returns:
         The records written by this call.
@@ -46,8 +52,30 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
             raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if launcher != "none":
+        rank = _init_distributed(spec.device)
+        import contextlib
+
+        with OutputLock(out) if rank == 0 else contextlib.nullcontext():
+            return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress and rank == 0,
+                                         report and rank == 0, False, shard, launcher, rank)
     with OutputLock(out):
         return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress, report, isolate, shard)
+
+
+def _init_distributed(device: str) -> int:
+    """Join the process group ``torchrun`` set up (NCCL on GPUs, gloo on CPUs); this process's rank."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device != "cpu" and torch.cuda.is_available():
+            from mmengine.dist import init_dist
+
+            init_dist("pytorch", backend="nccl")
+        else:
+            dist.init_process_group(backend="gloo")
+    return dist.get_rank()
 
 
 def cell_dir(out: Union[str, os.PathLike], cell: Cell) -> Path:
@@ -56,6 +84,23 @@ def cell_dir(out: Union[str, os.PathLike], cell: Cell) -> Path:
     import hashlib
 
     return Path(out) / "cells" / hashlib.sha1(cell.key.encode()).hexdigest()[:12]
+
+
+def _run_cell_distributed(cell: Cell, work_dir: Path, launcher: str, rank: int) -> Dict[str, Any]:
+    """One cell in every process of a ``torchrun`` group (mmengine engine: data parallel;
+    memory engine: rank 0 alone); every process waits for the others before the next cell."""
+    import torch.distributed as dist
+
+    if cell.settings.get("engine") == "mmengine" or rank == 0:
+        try:
+            rec = run_cell(cell, work_dir=work_dir, launcher=launcher)
+        except Exception:
+            rec = error_record(cell, traceback.format_exc()[-4000:], 0.0)
+    else:
+        rec = {}
+    rec["world_size"] = dist.get_world_size() if cell.settings.get("engine") == "mmengine" else 1
+    dist.barrier()
+    return rec
 
 
 def merge_results(out: Union[str, os.PathLike], sources: Sequence[Union[str, os.PathLike]]) -> int:
@@ -83,17 +128,24 @@ def merge_results(out: Union[str, os.PathLike], sources: Sequence[Union[str, os.
 
 
 def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[int], retry_errors: bool,
-                          progress: bool, report: bool, isolate: bool,
-                          shard: Optional[Tuple[int, int]]) -> List[Dict[str, Any]]:
+                          progress: bool, report: bool, isolate: bool, shard: Optional[Tuple[int, int]],
+                          launcher: str = "none", rank: int = 0) -> List[Dict[str, Any]]:
     from tqdm import tqdm
 
-    (out / "spec.json").write_text(json.dumps(spec.raw, indent=2) + "\n")
     store = ResultStore(out / "results.jsonl")
     cells = expand_grid(spec)
     if shard is not None:
         cells = cells[shard[0]::shard[1]]
+    if rank == 0:
+        (out / "spec.json").write_text(json.dumps(spec.raw, indent=2) + "\n")
     done = store.done_keys(retry_errors)
     todo = [c for c in cells if c.key not in done]
+    if launcher != "none":  # every process runs rank 0's list of cells
+        import torch.distributed as dist
+
+        keys = [[c.key for c in todo]]
+        dist.broadcast_object_list(keys, src=0)
+        todo = [c for c in cells if c.key in set(keys[0])]
     _logger.info("%s: %d cells, %d finished before, %d to run", spec.name, len(cells), len(cells) - len(todo), len(todo))
     if max_cells is not None:
         todo = todo[:max_cells]
@@ -114,7 +166,12 @@ def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[in
         bar.set_postfix_str(f"{cell.method} | {cell.backbone['name']} | {cell.dataset['name']} | "
                             f"{settings_label(cell.settings)} | seed {cell.seed}", refresh=True)
         work_dir = cell_dir(out, cell)
-        if isolate:
+        if launcher != "none":
+            rec = _run_cell_distributed(cell, work_dir, launcher, rank)
+            if rank != 0:
+                bar.update(1)
+                continue
+        elif isolate:
             rec = run_cell_in_child(cell, spec.cell_timeout_s, work_dir=work_dir)
         else:
             try:
