@@ -33,6 +33,8 @@ from .methods import (
     list_methods,
     register_method,
 )
+from .inference import segment_logits
+from .predict import IMAGENET_MEAN, IMAGENET_STD, SizeRule, predict, size_rule
 from .report import ParameterReport, parameter_report
 from .segmentor import PromptSegmentor, create_segmentor
 from .staging import Stage, StagedBackbone, stage_backbone
@@ -81,4 +83,10 @@ __all__ = [
     "offline_weights",
     "list_offline_weights",
     "OfflineWeightsError",
+    "predict",
+    "segment_logits",
+    "size_rule",
+    "SizeRule",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]
