@@ -124,7 +124,8 @@ class PromptSegmentor(PromptedCore, nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Class indices ``(N, H, W)``."""
+        """Class indices ``(N, H, W)`` of a normalised batch at a size the backbone accepts
+        (:func:`promptmatch.predict` takes any size, raw images, paths and sliding windows)."""
         return self.forward(images).argmax(1)
 
     # ------------------------------------------------------------- identity
