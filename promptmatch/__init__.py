@@ -33,6 +33,7 @@ from .methods import (
     list_methods,
     register_method,
 )
+from .export import ExportError, ExportReport, export_onnx
 from .inference import segment_logits
 from .predict import IMAGENET_MEAN, IMAGENET_STD, SizeRule, predict, size_rule
 from .report import ParameterReport, parameter_report
@@ -85,6 +86,9 @@ __all__ = [
     "OfflineWeightsError",
     "predict",
     "segment_logits",
+    "export_onnx",
+    "ExportError",
+    "ExportReport",
     "size_rule",
     "SizeRule",
     "IMAGENET_MEAN",
