@@ -35,6 +35,7 @@ from .methods import (
 )
 from .export import ExportError, ExportReport, export_onnx
 from .inference import segment_logits
+from .merged import MergedChecksumError, MergedSegmentorError, load_segmentor, read_segmentor_metadata, save_segmentor
 from .predict import IMAGENET_MEAN, IMAGENET_STD, SizeRule, predict, size_rule
 from .report import ParameterReport, parameter_report
 from .segmentor import PromptSegmentor, create_segmentor
@@ -89,6 +90,11 @@ __all__ = [
     "export_onnx",
     "ExportError",
     "ExportReport",
+    "save_segmentor",
+    "load_segmentor",
+    "read_segmentor_metadata",
+    "MergedSegmentorError",
+    "MergedChecksumError",
     "size_rule",
     "SizeRule",
     "IMAGENET_MEAN",

@@ -131,6 +131,13 @@ def create_backbone(
         _load_remapped(model, file)
     if file is not None:
         _logger.info("loaded pretrained weights for %s from %s", name, file)
+    try:  # how to build it again (promptmatch.save_segmentor records it), when it is plain data
+        import json
+
+        json.dumps(kwargs)
+        model._promptmatch_backbone_kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    except TypeError:
+        pass
     return model
 
 

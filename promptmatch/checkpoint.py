@@ -260,11 +260,15 @@ def read_prompt_metadata(path: PathLike) -> Dict[str, Any]:
         raise FileNotFoundError(f"prompt checkpoint {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
+            all_meta = f.metadata() or {}
+            raw = all_meta.get(_META_KEY)
     except Exception as e:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
     if raw is None:
-        raise PromptMismatchError(f"{str(path)!r} is a safetensors file but not a promptmatch prompt checkpoint")
+        hint = (": it is a merged segmentor (backbone + prompts); load it with promptmatch.load_segmentor(path)"
+                if "promptmatch_segmentor" in all_meta else "")
+        raise PromptMismatchError(f"{str(path)!r} is a safetensors file but not a promptmatch prompt checkpoint"
+                                  + hint)
     meta = json.loads(raw)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise PromptMismatchError(
