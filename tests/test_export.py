@@ -1,9 +1,7 @@
 """ONNX export (promptmatch.export, tools/export.py): onnxruntime agrees with PyTorch."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -181,10 +179,9 @@ def test_bad_arguments(tmp_path):
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("promptmatch_tools_export", REPO / "tools" / "export.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from promptmatch import export_cli
+
+    return export_cli
 
 
 def test_cli_from_prompt_checkpoint(tmp_path, capsys):
@@ -205,6 +202,10 @@ def test_cli_from_prompt_checkpoint(tmp_path, capsys):
     lat = json.loads(out.with_suffix(".latency.json").read_text())
     assert lat["runs"] == 2 and lat["pytorch_ms_median"] > 0 and lat["onnxruntime_ms_median"] > 0
     assert lat["export"]["dynamic_axes"] == {"0": "batch", "2": "height", "3": "width"}
+    # a merged segmentor file: the whole model in one file
+    merged = pm.save_segmentor(model, tmp_path / "segmentor.safetensors")
+    assert cli.main(["--segmentor", str(merged), "--out", str(tmp_path / "m.onnx"), "--size", str(SIDE), str(SIDE)]) == 0
+    assert_agrees(model, tmp_path / "m.onnx", torch.randn(1, 3, SIDE, SIDE))
     # prompts onto another backbone: refused with a hint about the weights
     with pytest.raises(SystemExit, match=r"(?s)fingerprint.*--weights"):
         cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "x.onnx"), "--size", "64", "64"])
