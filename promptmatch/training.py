@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .divergence import DivergenceError, DivergenceGuard, non_finite_tensors, trainable_buffers
-from .inference import Size2, autocast_context, check_amp, segment_logits
+from .inference import Size2, autocast_context, check_amp
 
 __all__ = ["train_segmentor", "confusion_matrix", "mean_iou", "evaluate_segmentor", "holdout_split"]
 
@@ -169,9 +169,10 @@ def evaluate_segmentor(
 ) -> Tuple[float, List[Optional[float]], torch.Tensor]:
     """mIoU, per-class IoU and the predicted class maps of ``images``.
 
-    Logits come from :func:`promptmatch.inference.segment_logits` with ``mode``, ``crop``,
-    ``stride`` and ``amp`` (``mode="slide"`` is mmseg's sliding-window inference);
-    ``channels_last`` converts the model and the images to channels-last memory format.
+    Predictions come from :func:`promptmatch.predict` with ``mode``, ``crop``, ``stride`` and
+    ``amp`` (``mode="slide"`` is mmseg's sliding-window inference; images of a size the
+    backbone does not take are padded and cropped back); ``channels_last`` converts the model
+    and the images to channels-last memory format.
     """
     device = device or torch.device("cpu")
     check_amp(amp, device.type)
@@ -180,10 +181,11 @@ def evaluate_segmentor(
         model.to(memory_format=torch.channels_last)
     conf = torch.zeros(k, k, dtype=torch.long)
     preds = []
+    from .predict import predict
+
     for i in range(0, len(images), batch):
-        logits = segment_logits(model, images[i : i + batch].to(device), mode=mode, crop=crop, stride=stride,
-                                num_classes=k, amp=amp, channels_last=channels_last)
-        p = logits.argmax(1).cpu()
+        p = predict(model, images[i : i + batch].to(device), mode=mode, crop=crop, stride=stride, batch=batch,
+                    amp=amp, channels_last=channels_last, progress=False).cpu()
         preds.append(p)
         conf += confusion_matrix(p, labels[i : i + batch], k)
     m, per_class = mean_iou(conf)

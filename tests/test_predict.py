@@ -2,6 +2,10 @@
 flip test-time augmentation, mixed precision and errors, against hand-computed references."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +252,39 @@ def test_errors(vit, tmp_path):
         predict(vit, x, batch=0)
     with pytest.raises(ValueError, match="input resolution"):
         predict(HalfSize(), x)
+
+
+def test_predict_cli_writes_masks_of_a_merged_segmentor(tmp_path):
+    """tools/infer.py --segmentor (promptmatch.predict_cli): masks equal pm.predict's, one per image."""
+    import subprocess
+    import sys
+
+    from promptmatch import predict_cli
+
+    torch.manual_seed(0)
+    seg = pm.create_segmentor("test_resnet", "spm", 3, class_names=["a", "b", "c"]).eval()
+    merged = pm.save_segmentor(seg, tmp_path / "seg.safetensors")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(45, 37), (64, 50)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(imgs / f"im{i}.png")
+    out = tmp_path / "out"
+    assert predict_cli.main([str(merged), "--images", str(imgs), "--out-dir", str(out), "--mode", "slide",
+                             "--crop", "32", "32", "--stride", "24", "24"]) == 0
+    palette = json.loads((out / "palette.json").read_text())
+    assert list(palette) == ["a", "b", "c"]
+    colours = np.array(list(palette.values()), dtype=np.uint8)
+    for i in range(2):
+        mask = np.asarray(Image.open(out / f"im{i}_mask.png"))
+        ref = pm.predict(seg, str(imgs / f"im{i}.png"), mode="slide", crop=32, stride=24).numpy()
+        assert mask.shape[:2] == ref.shape and np.array_equal(mask, colours[ref])
+        assert (out / f"im{i}_overlay.png").is_file()
+    repo = Path(__file__).resolve().parents[1]  # tools/infer.py dispatches --segmentor to it
+    proc = subprocess.run([sys.executable, str(repo / "tools" / "infer.py"), "--segmentor", str(merged), "--images",
+                           str(imgs / "im0.png"), "--out-dir", str(tmp_path / "out2")], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out2" / "im0_mask.png").is_file()
+    with pytest.raises(SystemExit, match="does not exist"):
+        predict_cli.main([str(tmp_path / "nope.safetensors"), "--images", str(imgs)])

@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Segment images with a prompt checkpoint: a colour-coded mask and an overlay per image.
+"""Segment images: a colour-coded mask and an overlay per image.
 
-A thin wrapper around :mod:`promptmatch.mmseg.cli.infer` (``python -m promptmatch.mmseg.cli.infer``
-does the same from any directory); run with ``--help`` for its options.
+    python tools/infer.py CONFIG PROMPTS [--images PATH] [...]     # an mmseg config + prompt checkpoint
+    python tools/infer.py --segmentor FILE --images PATH [...]     # a merged segmentor file, no mmseg
+
+Thin wrappers around :mod:`promptmatch.mmseg.cli.infer` and :mod:`promptmatch.predict_cli`
+(``python -m ...`` does the same from any directory); run with ``--help`` for the options.
 """
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from promptmatch.mmseg.cli.infer import main  # noqa: E402
-
 if __name__ == "__main__":
+    if any(a == "--segmentor" or a.startswith("--segmentor=") for a in sys.argv[1:]):
+        from promptmatch.predict_cli import main
+    else:
+        from promptmatch.mmseg.cli.infer import main
     sys.exit(main())

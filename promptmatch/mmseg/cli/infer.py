@@ -20,21 +20,22 @@ has one per class, otherwise a fixed palette.
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 import logging
 import os
 import os.path as osp
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 import numpy as np
 
 from promptmatch.mmseg.inference import dataset_metainfo, test_dataset_cfg  # noqa: E402
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from promptmatch.visualize import (  # noqa: E402,F401  (their home; imported here by older callers)
+    IMAGE_SUFFIXES, blend, colorize, find_images, fixed_palette, make_palette, output_stems,
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -60,19 +61,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------ inputs
-def find_images(path: str) -> List[Path]:
-    """The image files named by ``path`` (a file, or a folder's images sorted by name)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise SystemExit(f"error: images {str(p)!r} do not exist (give an image file or a folder with --images)")
-    if p.is_file():
-        return [p]
-    images = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {str(p)!r}")
-    return images
-
-
 def default_image_dir(cfg: Any) -> Optional[str]:
     """The config's test image folder (``data_root`` / ``data_prefix.img_path``), if any."""
     ds = test_dataset_cfg(cfg)
@@ -81,40 +69,6 @@ def default_image_dir(cfg: Any) -> Optional[str]:
     prefix = (ds.get("data_prefix") or {}).get("img_path", "")
     root = ds.get("data_root") or ""
     return osp.join(root, prefix) if (root or prefix) else None
-
-
-# ----------------------------------------------------------------- colours
-def fixed_palette(num_classes: int) -> np.ndarray:
-    """``num_classes`` distinct, saturated RGB colours (the same for every run)."""
-    colours = []
-    for i in range(num_classes):
-        hue = (i * 0.618033988749895) % 1.0
-        sat = 0.65 + 0.35 * ((i // 7) % 2)
-        val = 0.95 - 0.3 * ((i // 3) % 2)
-        colours.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)])
-    return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
-
-
-def make_palette(num_classes: int, metainfo: Dict[str, Any]) -> np.ndarray:
-    """The dataset's palette (``num_classes`` x 3, RGB) if it has a colour per class, else
-    :func:`fixed_palette`."""
-    palette = metainfo.get("palette")
-    if palette is not None:
-        arr = np.asarray(palette)
-        if arr.ndim == 2 and arr.shape[1] == 3 and arr.shape[0] >= num_classes:
-            return np.clip(arr[:num_classes], 0, 255).astype(np.uint8)
-    return fixed_palette(num_classes)
-
-
-def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """An (H, W, 3) RGB image with each pixel coloured by its class."""
-    return palette[labels]
-
-
-def blend(image_rgb: np.ndarray, mask_rgb: np.ndarray, opacity: float) -> np.ndarray:
-    """``image`` blended with ``mask``: (1 - opacity) * image + opacity * mask."""
-    out = (1.0 - opacity) * image_rgb.astype(np.float32) + opacity * mask_rgb.astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------- model
@@ -168,12 +122,6 @@ def segment(model: Any, pipeline: Any, image_bgr: np.ndarray) -> np.ndarray:
     return result.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)
 
 
-def _output_stems(images: Sequence[Path]) -> List[str]:
-    stems = [p.stem for p in images]
-    clash = {s for s in stems if stems.count(s) > 1}
-    return [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if p.stem in clash else p.stem for p in images]
-
-
 # -------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the tool; returns the exit status."""
@@ -222,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json.dump({str(n): [int(c) for c in palette[i]] for i, n in enumerate(names)}, f, indent=1)
 
     written = []
-    for path, stem in zip(images, _output_stems(images)):
+    for path, stem in zip(images, output_stems(images)):
         image_bgr = mmcv.imread(str(path), flag="color")
         if image_bgr is None:
             raise SystemExit(f"error: cannot read image {str(path)!r}")
