@@ -149,6 +149,9 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
     else:
         engine = MemoryEngine(cell, device, Path(work_dir) if work_dir else None)
     try:
+        # CPU peak memory: the process's peak RSS (ru_maxrss, a lifetime peak) over every
+        # training of the cell, lr trials included (same model and batch), minus the peak
+        # before the first model was built (engines set ``baseline_mb`` in ``prepare``)
         engine.prepare()
         lrs = method_lrs(cell.settings, cell.method, cell.method_name)
         lr = lrs[0]
@@ -191,6 +194,7 @@ class MemoryEngine:
         self.train = memory_tensors(c.dataset, train_split, size)
         self.evals = {key: memory_tensors(entry, split, size) for key, entry, split in eval_sets(c)}
         self.classes = entry_classes(c.dataset)
+        self.baseline_mb = _maxrss_mb()  # data loaded, no model yet
         self._build()  # a method that does not apply is skipped before any training
 
     def _build(self):
@@ -246,7 +250,7 @@ class MemoryEngine:
         c, s, device = self.cell, self.cell.settings, self.device
         out: Dict[str, Any] = {}
         self.partial = out  # what a diverged record keeps (the model's parameters)
-        baseline_mb = _maxrss_mb()
+        baseline_mb = self.baseline_mb
         model = self._build()
         out["method_config"] = model.method.config.to_dict()
         rep = pm.parameter_report(model)

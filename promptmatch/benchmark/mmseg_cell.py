@@ -196,6 +196,7 @@ class MmengineEngine:
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.classes = entry_classes(self.cell.dataset)
+        self.baseline_mb = _maxrss_mb()  # before any Runner or model
         get_method(self.cell.method_name)
 
     def _runner(self, work_dir: Path, lr: float, train_indices: Optional[List[int]] = None):
@@ -267,7 +268,7 @@ class MmengineEngine:
         from promptmatch import parameter_report
 
         s = self.cell.settings
-        baseline_mb = _maxrss_mb()
+        baseline_mb = self.baseline_mb
         runner, cfg = self._runner(self.work_dir, lr)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
