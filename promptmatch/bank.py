@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ class PromptBank(nn.Module):
         return seg
 
     def segmentor(self, name: str) -> PromptSegmentor:
+        """The segmentor of dataset ``name`` (it shares the bank's backbone)."""
         if name not in self.prompts:
             raise KeyError(f"no dataset {name!r} in the bank; loaded: {sorted(self.prompts)}")
         return self.prompts[name].segmentor
@@ -66,6 +67,13 @@ class PromptBank(nn.Module):
     def forward(self, images: torch.Tensor, dataset: str) -> torch.Tensor:
         """Logits of ``images`` with the prompts of ``dataset``."""
         return self.segmentor(dataset)(images)
+
+    def predict(self, images: Any, dataset: str, **kwargs: Any) -> Any:
+        """Class maps of ``images`` (any size, paths, a folder, ...: see :func:`promptmatch.predict`,
+        which takes the keyword arguments) with the prompts of ``dataset``."""
+        from .predict import predict
+
+        return predict(self.segmentor(dataset), images, **kwargs)
 
 
 class _PromptParts(nn.Module):

@@ -288,3 +288,25 @@ def test_predict_cli_writes_masks_of_a_merged_segmentor(tmp_path):
     assert (tmp_path / "out2" / "im0_mask.png").is_file()
     with pytest.raises(SystemExit, match="does not exist"):
         predict_cli.main([str(tmp_path / "nope.safetensors"), "--images", str(imgs)])
+
+
+def test_prompt_bank_predicts_a_folder_per_dataset(tmp_path):
+    """PromptBank.predict serves a folder with one dataset's prompts on the shared backbone,
+    as the dataset's own model would."""
+    torch.manual_seed(0)
+    models = {name: pm.create_segmentor("test_resnet", "spm", k).eval() for name, k in (("a", 3), ("b", 5))}
+    backbone = models["a"].backbone
+    models["b"].backbone.load_state_dict(backbone.state_dict())  # one frozen backbone for both
+    bank = pm.PromptBank(backbone)
+    for name, seg in models.items():
+        bank.add(name, pm.save_prompts(seg, tmp_path / f"{name}.safetensors"))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(40, 33), (64, 64)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    for name, seg in models.items():
+        got = bank.predict(imgs, name, return_logits=True)
+        ref = pm.predict(seg, imgs, return_logits=True)
+        assert all(torch.equal(g, r) for g, r in zip(got[0], ref[0]))
+        assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(got[1], ref[1]))
