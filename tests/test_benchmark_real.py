@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ import promptmatch as pm
 from promptmatch import benchmark as bm
 from promptmatch.benchmark import cell as cell_mod
 from promptmatch.benchmark import runner as runner_mod
-from promptmatch.benchmark.data import DataProblemsError, memory_tensors
+from promptmatch.benchmark.data import DataProblemsError, check_spec_data, memory_tensors
 from promptmatch.training import holdout_split
 
 CLASSES = ["background", "thing", "stuff"]
@@ -234,7 +235,7 @@ def test_domain_shift_pair(engine, tmp_path):
     (rec,) = bm.run_benchmark(spec, out, progress=False, isolate=False)
     _check_ok_record(rec, CLASSES, splits=("val", "B:val"))
     assert rec["dataset"] == "A" and rec["eval_on"] == ["B"]
-    assert json.loads(rec["key"])["dataset"] == "A->B"
+    assert re.fullmatch(r"A@[0-9a-f]{8}->B@[0-9a-f]{8}", json.loads(rec["key"])["dataset"])
     report = (out / "report.md").read_text()
     assert "→B:val" in report
     assert "## B" not in report  # B is only evaluated on
@@ -614,3 +615,53 @@ def test_torchrun_trains_mmengine_cells_data_parallel(folder, tmp_path):
     logs = "".join(p.read_text() for p in (out / "cells").glob("*/*/*.log"))
     assert "promptmatch.CPUDistributedDataParallel" in logs and "Distributed training: True" in logs
     assert (out / "report.md").is_file()
+
+
+def test_cell_keys_name_where_a_dataset_comes_from(folder, tmp_path):
+    """Another folder (or config) under the same name is another cell; settings that resolve to
+    the same cell give it once; an eval-only folder needs no train split."""
+    other = write_folder(tmp_path / "other", seed=3)
+    base = {"name": "k", "methods": ["linear"], "backbones": ["test_resnet"], "seeds": [0],
+            "settings": [{"image_size": 64, "steps": 2}, {"image_size": 64, "steps": 2, "lr": 1e-4}]}
+    a = bm.expand_grid(bm.validate_spec({**base, "datasets": [{"name": "mine", "folder": str(folder)}]}))
+    b = bm.expand_grid(bm.validate_spec({**base, "datasets": [{"name": "mine", "folder": str(other)}]}))
+    assert len(a) == 1 and len(b) == 1  # lr null resolves to the mmengine default 1e-4: one cell
+    assert a[0].key != b[0].key
+    offline = bm.expand_grid(bm.validate_spec({**base, "datasets": ["nuclei"], "settings": {"steps": 2}}))
+    assert json.loads(offline[0].key)["dataset"] == "nuclei"  # offline keys as before
+    shutil.rmtree(other / "img_dir" / "train")
+    shutil.rmtree(other / "ann_dir" / "train")
+    spec = bm.validate_spec({**base, "datasets": [{"name": "mine", "folder": str(folder), "eval_on": ["t"]},
+                                                  {"name": "t", "folder": str(other), "eval_only": True}]})
+    assert check_spec_data(spec) == []
+
+
+def test_mmseg_wrapped_dataset_configs_hold_out_inner_samples(tmp_path):
+    """A config whose training set is a ConcatDataset inside a RepeatDataset (VOC aug, DRIVE):
+    the held-out part gets the val pipeline on the inner datasets, counting sees the samples
+    (not their repeats), and image_size rescales every inner pipeline."""
+    pytest.importorskip("mmseg")
+    from promptmatch.benchmark.data import mmseg_dataset_config, train_count
+
+    root = write_ade(tmp_path / "ade")
+    cfg = tmp_path / "wrapped.py"
+    cfg.write_text(f"""
+_base_ = ['mmseg::_base_/datasets/ade20k.py']
+_inner = dict(type='ADE20KDataset', data_root={str(root)!r}, data_prefix=dict(img_path='images/training',
+              seg_map_path='annotations/training'), pipeline={{{{_base_.train_pipeline}}}})
+train_dataloader = dict(dataset=dict(_delete_=True, type='RepeatDataset', times=1000,
+                        dataset=dict(type='ConcatDataset', datasets=[_inner, _inner])))
+""")
+    entry = {"name": "w", "source": "mmseg_config", "mmseg_config": str(cfg)}
+    n = train_count(entry)
+    assert n == 2 * len(list((root / "images" / "training").iterdir()))  # two copies, not 1000 repeats
+    held, _ = mmseg_dataset_config(entry, "train", False, (64, 64), indices=[0, 1])
+    assert held["type"] == "promptmatch.SubsetDataset" and held["dataset"]["type"] == "ConcatDataset"
+    for inner in held["dataset"]["datasets"]:
+        assert not any(t["type"] == "RandomCrop" for t in inner["pipeline"])  # the val pipeline
+    trained, crop = mmseg_dataset_config(entry, "train", True, (64, 64), explicit_size=True)
+    assert crop == (64, 64)
+    assert trained["type"] == "RepeatDataset"  # training keeps the repeats
+    for inner in trained["dataset"]["datasets"]:
+        crops = [t["crop_size"] for t in inner["pipeline"] if t["type"] == "RandomCrop"]
+        assert crops == [(64, 64)]

@@ -194,6 +194,8 @@ class MemoryEngine:
         self.train = memory_tensors(c.dataset, train_split, size)
         self.evals = {key: memory_tensors(entry, split, size) for key, entry, split in eval_sets(c)}
         self.classes = entry_classes(c.dataset)
+        self.eval_classes = {key: self.classes if entry is c.dataset else entry_classes(entry)
+                             for key, entry, split in eval_sets(c)}
         self.baseline_mb = _maxrss_mb()  # data loaded, no model yet
         self._build()  # a method that does not apply is skipped before any training
 
@@ -271,7 +273,7 @@ class MemoryEngine:
             for key, (x, y) in self.evals.items():
                 m, per_class, _ = self._evaluate(model, x, y)
                 out["miou"][key] = m
-                out["per_class_iou"][key] = dict(zip(self.classes, per_class))
+                out["per_class_iou"][key] = dict(zip(self.eval_classes[key], per_class))
             first = next(iter(self.evals.values()))[0]
             slide = s.get("eval_mode") == "slide"
 
@@ -337,6 +339,8 @@ def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None,
         here = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("HF_HUB_OFFLINE", "1")
+        if cell.device == "cpu":  # mmengine's Runner would take a GPU it sees: a CPU cell sees none
+            env["CUDA_VISIBLE_DEVICES"] = ""
         cmd = [sys.executable, "-m", "promptmatch.benchmark", "--cell", str(cell_file), "--record", str(out_file)]
         if work_dir is not None:
             cmd += ["--work-dir", str(work_dir)]

@@ -37,7 +37,8 @@ def folder_of(entry: Mapping[str, Any]):
     """The :class:`~promptmatch.datasets.FolderDataset` of a ``folder`` entry."""
     from promptmatch.datasets.folder import describe_folder_dataset
 
-    splits = tuple(dict.fromkeys([entry.get("train_split", "train"), *entry.get("splits", ["val"])]))
+    train = [] if entry.get("eval_only") else [entry.get("train_split", "train")]  # eval-only: no train split
+    splits = tuple(dict.fromkeys([*train, *entry.get("splits", ["val"])]))
     return describe_folder_dataset(entry["folder"], classes=entry.get("classes"), splits=splits,
                                    img_suffix=entry.get("img_suffix"),
                                    seg_map_suffix=entry.get("seg_map_suffix", ".png"),
@@ -62,9 +63,11 @@ def _mmseg_classes(entry: Mapping[str, Any]) -> List[str]:
     from mmseg.registry import DATASETS
 
     cfg = load_config_ref(entry["mmseg_config"])
-    ds = cfg.val_dataloader.dataset
-    while "dataset" in ds:  # wrappers (RepeatDataset, ...)
-        ds = ds["dataset"]
+    loader = cfg.get("val_dataloader") or cfg.get("test_dataloader") or cfg.get("train_dataloader")
+    if not loader:
+        raise SpecError(f"dataset {entry['name']!r}: {entry['mmseg_config']} has no dataloader to read the dataset "
+                        "from (train_dataloader / val_dataloader / test_dataloader)")
+    ds = _leaves(_plain(loader["dataset"]))[0]
     meta = dict(ds.get("metainfo") or {})
     if "classes" in meta:
         return list(meta["classes"])
@@ -159,17 +162,66 @@ def mmseg_dataset_config(entry: Mapping[str, Any], split: str, train: bool, crop
                    pipeline=train_pipe if train else test_pipe)
         return _subset(cfg, indices), None
     full = load_config_ref(entry["mmseg_config"])
-    loader = full.train_dataloader if split == "train" else full.val_dataloader
-    ds = loader.dataset.to_dict() if hasattr(loader.dataset, "to_dict") else dict(loader.dataset)
+    val_loader = full.get("val_dataloader") or full.get("test_dataloader")
+    if split != "train" and not val_loader:
+        raise SpecError(f"dataset {entry['name']!r}: {entry['mmseg_config']} has neither a val_dataloader nor a "
+                        "test_dataloader to evaluate on")
+    loader = full.get("train_dataloader") if split == "train" else val_loader
+    if not loader:
+        raise SpecError(f"dataset {entry['name']!r}: {entry['mmseg_config']} has no train_dataloader")
+    ds = _plain(loader["dataset"])
+    if indices is not None:  # a part of the split: of the datasets a RepeatDataset repeats, not of the repeats
+        while ds.get("type") in ("RepeatDataset", "mmengine.RepeatDataset") and "dataset" in ds:
+            ds = ds["dataset"]
+    val_pipe = _plain(_leaves(val_loader["dataset"])[0].get("pipeline")) if val_loader else None
     if not train and split == "train":  # held-out part of the training split: the val pipeline
-        ds["pipeline"] = full.val_dataloader.dataset.pipeline
+        if val_pipe is None:
+            raise SpecError(f"dataset {entry['name']!r}: {entry['mmseg_config']} has no val pipeline for the "
+                            "held-out part of the training split")
+        for leaf in _leaves(ds):
+            leaf["pipeline"] = list(val_pipe)
     c = full.get("crop_size")
-    if explicit_size and c is not None and tuple(c) != tuple(crop):  # the setting's size: scale the pipeline
-        ds["pipeline"] = [_rescale_transform(t, tuple(c), crop) for t in ds["pipeline"]]
+    if c is None:  # no top-level crop_size: the training pipeline's RandomCrop
+        for leaf in _leaves(_plain(full.get("train_dataloader", {}).get("dataset", {}))):
+            for t in leaf.get("pipeline") or []:
+                if "crop_size" in t:
+                    c = t["crop_size"]
+                    break
+            if c is not None:
+                break
+    c = (c, c) if isinstance(c, int) else c
+    if explicit_size and tuple(crop) != (tuple(c) if c is not None else None):  # the setting's size
+        if c is None:
+            raise SpecError(f"dataset {entry['name']!r}: image_size {crop[0]} cannot be applied to "
+                            f"{entry['mmseg_config']}: its pipeline names no crop size; set image_size null")
+        for leaf in _leaves(ds):
+            leaf["pipeline"] = [_rescale_transform(t, tuple(c), crop) for t in leaf.get("pipeline") or []]
         c = crop
     if entry.get("data_root"):
         _set_data_root(ds, entry["data_root"])
     return _subset(ds, indices), (tuple(c) if c is not None else None)
+
+
+def _plain(cfg: Any) -> Any:
+    """A deep copy of a config value as plain dicts and lists."""
+    import copy
+
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return copy.deepcopy(cfg)
+
+
+def _leaves(cfg: Any) -> List[Dict[str, Any]]:
+    """The datasets a dataset config holds (itself, or those its wrappers hold), in order."""
+    if isinstance(cfg, (list, tuple)):
+        return [leaf for c in cfg for leaf in _leaves(c)]
+    if isinstance(cfg, Mapping):
+        if "datasets" in cfg:
+            return _leaves(cfg["datasets"])
+        if "dataset" in cfg:
+            return _leaves(cfg["dataset"])
+        return [cfg]  # type: ignore[list-item]
+    return []
 
 
 def _subset(cfg: Dict[str, Any], indices: Optional[List[int]]) -> Dict[str, Any]:
@@ -199,6 +251,11 @@ def _rescale_transform(t: Mapping[str, Any], old: Tuple[int, int], new: Tuple[in
         t["crop_size"] = tuple(new)
     if "scale" in t and isinstance(t["scale"], (list, tuple)):
         t["scale"] = tuple(max(1, round(v * f)) for v in t["scale"])
+    if t.get("type") == "Pad" and isinstance(t.get("size"), (list, tuple)):
+        t["size"] = tuple(new)
+    if "scales" in t and isinstance(t["scales"], (list, tuple)):  # RandomChoiceResize
+        t["scales"] = [tuple(max(1, round(v * f)) for v in sc) if isinstance(sc, (list, tuple))
+                       else max(1, round(sc * f)) for sc in t["scales"]]
     return t
 
 
@@ -240,6 +297,8 @@ def train_count(entry: Mapping[str, Any]) -> int:
         return c
 
     ds, _ = mmseg_dataset_config(entry, "train", False, (512, 512))
+    while ds.get("type") in ("RepeatDataset", "mmengine.RepeatDataset") and "dataset" in ds:
+        ds = ds["dataset"]  # the samples, not their repeats
     with DefaultScope.overwrite_default_scope("mmseg"):
         return len(DATASETS.build(bare(ds)))
 
@@ -291,15 +350,21 @@ def check_spec_data(spec: BenchmarkSpec, deep: bool = True, progress: bool = Fal
             problems.append(str(e))
             classes[d["name"]] = None
     sweeps = [st["holdout"] for st in spec.settings if isinstance(st.get("lr"), Mapping)]
-    for d in spec.datasets if sweeps else []:  # an lr sweep needs a training split it can split
-        if d.get("eval_only") or classes.get(d["name"]) is None:
+    for d in spec.datasets:  # a training split with samples (and, for an lr sweep, one it can split)
+        if d.get("eval_only") or classes.get(d["name"]) is None or not (sweeps or d["source"] == "mmseg_config"):
             continue
+        if d["source"] == "mmseg_config" and any(f"dataset {d['name']!r}" in p for p in problems):
+            continue  # its data root is missing: said above
         try:
             n = train_count(d)
-        except Exception as e:  # counted again (and reported) when the cell runs
-            _logger.debug("could not count the training samples of %s: %s", d["name"], e)
+        except Exception as e:
+            problems.append(f"dataset {d['name']!r}: its training split cannot be read: {type(e).__name__}: {e}")
             continue
-        for frac in sorted(set(sweeps)):
+        if n == 0:
+            problems.append(f"dataset {d['name']!r}: its training split holds no samples (check the data_root and "
+                            "the config's data_prefix / ann_file)")
+            continue
+        for frac in sorted(set(sweeps)):  # (none without an lr sweep)
             k = round(frac * n)
             if not 1 <= k <= n - 1:
                 problems.append(f"dataset {d['name']!r}: an lr sweep holds out {frac:g} of the training split, but "

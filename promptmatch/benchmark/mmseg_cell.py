@@ -30,6 +30,13 @@ def _model_base(cell: Cell, num_classes: int, crop: Tuple[int, int]) -> Dict[str
     loss = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)
     if b.get("mmseg_model"):
         model = load_config_ref(b["mmseg_model"]).model.to_dict()
+        if not isinstance(model.get("decode_head"), Mapping) or model.get("type") not in (None, "EncoderDecoder"):
+            from .spec import SpecError
+
+            raise SpecError(f"{b['mmseg_model']}: a {model.get('type')} with "
+                            f"{'a cascade of decode heads' if isinstance(model.get('decode_head'), list) else 'its head'}"
+                            " cannot be prompted; promptmatch.PromptEncoderDecoder takes EncoderDecoder models with "
+                            "one decode_head (auxiliary heads allowed)")
         heads = model.get("auxiliary_head")
         for h in [model["decode_head"]] + (heads if isinstance(heads, list) else [heads] if heads else []):
             h["num_classes"] = num_classes
@@ -147,6 +154,43 @@ def build_cell_config(cell: Cell, work_dir: Path, lr: float, train_indices: Opti
     return Config(cfg)
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _release(runner: Any) -> None:
+    """Free what a finished Runner holds (its training iterator's workers, its logger's file,
+    its registered logger/visualizer/message-hub instances, the model), so many runs in one
+    process do not pile up memory, processes or open files."""
+    import gc
+
+    import torch
+    from mmengine.logging import MessageHub, MMLogger
+    from mmengine.visualization import Visualizer
+
+    loop = getattr(runner, "_train_loop", None)
+    if loop is not None and not isinstance(loop, dict):
+        for attr in ("dataloader_iterator", "_dataloader_iterator"):
+            if hasattr(loop, attr):
+                try:
+                    delattr(loop, attr)
+                except AttributeError:
+                    pass
+    name = getattr(runner, "_experiment_name", None) or getattr(runner, "experiment_name", None)
+    for cls in (MMLogger, Visualizer, MessageHub):
+        inst = cls._instance_dict.pop(name, None) if name else None
+        for h in list(getattr(inst, "handlers", []) or []):
+            if cls is MMLogger:
+                h.close()
+                inst.removeHandler(h)
+    del runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class _StepTimer:
     """Wall time and loss of every training iteration (an mmengine hook, registered on the runner)."""
 
@@ -156,6 +200,7 @@ class _StepTimer:
         self.device = device
         self.times: List[float] = []
         self.losses: List[float] = []
+        self.wall_s = float("nan")
         self._t0 = 0.0
         self._hook = type("BenchmarkStepTimer", (Hook,), {
             "priority": "VERY_HIGH",
@@ -216,10 +261,14 @@ class MmengineEngine:
         from promptmatch.divergence import DivergenceError
         from promptmatch.mmseg.runtime import trust_checkpoints_under
 
+        model = runner.model.module if hasattr(runner.model, "module") else runner.model
+        self.device = next(model.parameters()).device  # where mmengine put it (cuda when present)
         timer = _StepTimer(self.device)
         runner.register_hook(timer._hook)
+        t0 = time.perf_counter()
         with trust_checkpoints_under(str(runner.work_dir)):
             runner.train()
+        timer.wall_s = time.perf_counter() - t0  # data loading included
         model = runner.model.module if hasattr(runner.model, "module") else runner.model
         guard = getattr(model, "divergence_guard", None)
         if guard is not None and guard.skipped and not guard.last_step_ok:
@@ -232,10 +281,13 @@ class MmengineEngine:
     def _evaluate(self, runner, dataset: Dict[str, Any], classes: List[str]) -> Tuple[float, Dict[str, Any], Any]:
         from mmengine.runner import ValLoop
 
+        from promptmatch.inference import autocast_context
+
         loop = ValLoop(runner, _loader(dataset, 1, int(self.cell.settings.get("workers", 2)), False),
                        dict(type="promptmatch.PerClassIoUMetric", iou_metrics=["mIoU"]))
         runner._val_loop = loop  # the hooks (timer, logger) read the runner's val loop
-        metrics = loop.run()
+        with autocast_context(self.cell.settings.get("amp"), self.device.type):  # as the memory engine
+            metrics = loop.run()
         per_class = {}
         for name in classes:
             v = metrics.get(f"IoU.{name}")
@@ -255,11 +307,14 @@ class MmengineEngine:
         if idx is None:
             idx = self._trial_idx = holdout_split(train_count(self.cell.dataset), self.cell.settings["holdout"], seed=0)
         tr, ho = idx
-        n = len([p for p in self.work_dir.glob("lr_*")])
+        n = self._n_trials = getattr(self, "_n_trials", -1) + 1
         runner, _ = self._runner(self.work_dir / f"lr_{n}", lr, tr)
-        self._train(runner)
-        held = self._dataset(self.cell.dataset, self.cell.dataset.get("train_split", "train"), ho)
-        return self._evaluate(runner, held, self.classes)[0]
+        try:
+            self._train(runner)
+            held = self._dataset(self.cell.dataset, self.cell.dataset.get("train_split", "train"), ho)
+            return self._evaluate(runner, held, self.classes)[0]
+        finally:
+            _release(runner)
 
     def final(self, lr: float) -> Dict[str, Any]:
         import numpy as np
@@ -283,7 +338,9 @@ class MmengineEngine:
         out.update(_peak_memory(self.device, baseline_mb))
         times = timer.times
         step_s = float(np.median(times[min(s["warmup"], len(times) - 1):]))
-        out.update(step_time_median_s=step_s, throughput_img_s=s["batch"] / step_s, train_s=float(sum(times)),
+        world = _world_size()
+        out.update(step_time_median_s=step_s, throughput_img_s=world * s["batch"] / step_s, train_s=float(sum(times)),
+                   train_wall_s=timer.wall_s, throughput_e2e_img_s=world * s["batch"] * len(times) / timer.wall_s,
                    loss_first=timer.losses[0] if timer.losses else None,
                    loss_last=timer.losses[-1] if timer.losses else None, lr_used=lr,
                    skipped_steps=list(getattr(getattr(model, "divergence_guard", None), "skipped", []) or []))
@@ -303,7 +360,9 @@ class MmengineEngine:
             if len(samples) >= n:
                 break
         samples = [samples[i % len(samples)] for i in range(n)]  # a small val split is timed again
-        with torch.no_grad():
+        from promptmatch.inference import autocast_context
+
+        with torch.no_grad(), autocast_context(s.get("amp"), self.device.type):
             out["latency_ms_median"] = _latency_ms(model.test_step, samples, self.device)
         ckpt = self.work_dir / "prompts.safetensors"
         if ckpt.is_file():

@@ -68,13 +68,17 @@ def _init_distributed(device: str) -> int:
     import torch
     import torch.distributed as dist
 
+    import datetime
+
+    # long enough for the in-memory cells that rank 0 runs alone while the others wait
+    timeout = datetime.timedelta(hours=12)
     if not dist.is_initialized():
         if device != "cpu" and torch.cuda.is_available():
             from mmengine.dist import init_dist
 
-            init_dist("pytorch", backend="nccl")
+            init_dist("pytorch", backend="nccl", timeout=timeout)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=timeout)
     return dist.get_rank()
 
 
@@ -92,10 +96,9 @@ def _run_cell_distributed(cell: Cell, work_dir: Path, launcher: str, rank: int) 
     import torch.distributed as dist
 
     if cell.settings.get("engine") == "mmengine" or rank == 0:
-        try:
-            rec = run_cell(cell, work_dir=work_dir, launcher=launcher)
-        except Exception:
-            rec = error_record(cell, traceback.format_exc()[-4000:], 0.0)
+        # no try/except here: an exception in one process ends it, and torchrun then stops the
+        # others (waiting for them in a barrier would hang the group until its timeout)
+        rec = run_cell(cell, work_dir=work_dir, launcher=launcher)
     else:
         rec = {}
     rec["world_size"] = dist.get_world_size() if cell.settings.get("engine") == "mmengine" else 1

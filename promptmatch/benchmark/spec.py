@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = ["SpecError", "BenchmarkSpec", "Cell", "SETTING_DEFAULTS", "EFFICIENTNET_LITE0_WEIGHTS", "PROFILE_DIR",
-           "cell_key", "settings_label", "lr_label", "method_lrs", "resolve_engine", "ENGINE_LR", "profile_path", "list_profiles", "load_spec", "validate_spec", "expand_grid"]
+           "cell_key", "settings_label", "dataset_id", "lr_label", "method_lrs", "resolve_engine", "ENGINE_LR", "profile_path", "list_profiles", "load_spec", "validate_spec", "expand_grid"]
 
 _logger = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ class Cell:
     @property
     def key(self) -> str:
         """Identity of the cell in ``results.jsonl`` (method, backbone, dataset, settings, seed)."""
-        targets = [t["name"] for t in self.dataset.get("targets") or []]
-        name = self.dataset["name"] + ("->" + ",".join(targets) if targets else "")
+        targets = [dataset_id(t) for t in self.dataset.get("targets") or []]
+        name = dataset_id(self.dataset) + ("->" + ",".join(targets) if targets else "")
         return cell_key(self.method, self.backbone, name, self.settings, self.seed,
                         self.method_name, self.method_cfg, self.max_bad_steps)
 
@@ -171,6 +171,18 @@ def lr_label(lr: Any) -> str:
     return f"lr{lr:g}" if lr is not None else "lr-default"
 
 
+def dataset_id(entry: Mapping[str, Any]) -> str:
+    """A dataset's part of a cell key: the name, and for a folder or an mmseg config a digest of
+    where its data comes from (so another folder or config under the same name is another cell)."""
+    if entry.get("source", "offline") == "offline":
+        return entry["name"]
+    import hashlib
+
+    what = {k: entry.get(k) for k in ("folder", "mmseg_config", "data_root", "classes", "reduce_zero_label",
+                                      "train_split", "splits", "img_suffix", "seg_map_suffix")}
+    return f"{entry['name']}@{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
 def settings_label(settings: Mapping[str, Any]) -> str:
     """Short human-readable name of a setting, e.g. ``multilevel 128px 150st b8 lr0.002``."""
     size = settings.get("image_size")
@@ -186,6 +198,10 @@ def settings_label(settings: Mapping[str, Any]) -> str:
         extra += " channels_last"
     if settings.get("compile"):
         extra += " compiled"
+    if settings.get("weight_decay") is not None:
+        extra += f" wd{settings['weight_decay']:g}"
+    if isinstance(settings.get("lr"), Mapping) and settings.get("holdout", 0.2) != 0.2:
+        extra += f" holdout{settings['holdout']:g}"
     return (f"{settings['decoder']}{dcfg} {str(size) + 'px' if size else 'native'} {settings['steps']}st "
             f"b{settings['batch']} {lr_label(settings.get('lr'))}{extra}")
 
@@ -593,5 +609,8 @@ def expand_grid(spec: BenchmarkSpec) -> List[Cell]:
                                               method_name=spec.method_specs[m]["name"],
                                               method_cfg=dict(spec.method_specs[m]["cfg"]),
                                               max_bad_steps=spec.max_bad_steps))
-    return cells
+    unique: Dict[str, Cell] = {}  # settings that resolve to the same cell (e.g. lr null and the engine's lr)
+    for c in cells:
+        unique.setdefault(c.key, c)
+    return list(unique.values())
 
