@@ -209,3 +209,41 @@ def test_cli_from_prompt_checkpoint(tmp_path, capsys):
     # prompts onto another backbone: refused with a hint about the weights
     with pytest.raises(SystemExit, match=r"(?s)fingerprint.*--weights"):
         cli.main(["--prompts", str(prompts), "--out", str(tmp_path / "x.onnx"), "--size", "64", "64"])
+
+
+def test_cli_from_mmseg_config_and_prompts(tmp_path, capsys):
+    """The mmseg route: a PromptEncoderDecoder config (timm backbone + FCN head, SPM) and its
+    prompt checkpoint export, and onnxruntime agrees with the mmseg model."""
+    pytest.importorskip("mmseg")
+    import timm
+    from safetensors.torch import save_file
+
+    from promptmatch.mmseg.inference import init_model
+
+    torch.manual_seed(0)
+    bb = timm.create_model("test_resnet", num_classes=0)
+    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(tmp_path / "bb.safetensors"))
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"""
+_base_ = ['mmseg::_base_/default_runtime.py']
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    type='promptmatch.PromptEncoderDecoder', method='spm',
+    data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                           bgr_to_rgb=True, pad_val=0, seg_pad_val=255, size=({SIDE}, {SIDE})),
+    backbone=dict(type='promptmatch.TimmBackbone', model_name='test_resnet', weights={str(tmp_path / 'bb.safetensors')!r}),
+    decode_head=dict(type='FCNHead', in_channels=96, in_index=-1, channels=32, num_convs=1, concat_input=False,
+                     num_classes=4, norm_cfg=norm_cfg, align_corners=False,
+                     loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    train_cfg=dict(), test_cfg=dict(mode='whole'))
+""")
+    model = init_model(str(cfg), None, device="cpu")
+    with torch.no_grad():  # trained-looking prompts and head
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    prompts = pm.save_prompts(model, tmp_path / "prompts.safetensors")
+    out = tmp_path / "mm.onnx"
+    assert _load_cli().main(["--config", str(cfg), "--prompts", str(prompts), "--out", str(out),
+                             "--size", str(SIDE), str(SIDE)]) == 0
+    assert "argmax agreement 100.000%" in capsys.readouterr().out
