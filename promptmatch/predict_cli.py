@@ -28,11 +28,7 @@ _logger = logging.getLogger(__name__)
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments."""
 
-    def opacity(text: str) -> float:
-        value = float(text)
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"opacity must be in [0, 1], got {value}")
-        return value
+    from promptmatch.visualize import opacity_arg as opacity
 
     p = argparse.ArgumentParser(prog="promptmatch.predict_cli",
                                 description="Segment images with a merged segmentor file (promptmatch.save_segmentor)")

@@ -9,9 +9,19 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "fixed_palette", "make_palette", "colorize", "blend", "output_stems"]
+__all__ = ["IMAGE_SUFFIXES", "opacity_arg", "find_images", "fixed_palette", "make_palette", "colorize", "blend", "output_stems"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def opacity_arg(text: str) -> float:
+    """An ``argparse`` type: a mask opacity in [0, 1]."""
+    import argparse
+
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"opacity must be in [0, 1], got {value}")
+    return value
 
 
 def find_images(path: str) -> List[Path]:

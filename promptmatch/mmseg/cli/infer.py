@@ -42,11 +42,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments."""
     from mmengine.config import DictAction
 
-    def opacity(text: str) -> float:
-        value = float(text)
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"opacity must be in [0, 1], got {value}")
-        return value
+    from promptmatch.visualize import opacity_arg as opacity
 
     p = argparse.ArgumentParser(description="Segment images with a prompt checkpoint")
     p.add_argument("config", help="config file of the model the prompts were trained with")
