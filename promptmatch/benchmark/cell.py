@@ -223,15 +223,19 @@ class MemoryEngine:
                                channels_last=bool(s.get("channels_last")), compile=bool(s.get("compile")),
                                weight_decay=0.01 if wd is None else wd)
 
+    def _inference(self) -> Dict[str, Any]:
+        """The setting's inference options (whole or sliding-window, autocast)."""
+        s = self.cell.settings
+        slide = s.get("eval_mode") == "slide"
+        return dict(mode=s.get("eval_mode", "whole"), crop=s.get("eval_crop") if slide else None,
+                    stride=s.get("eval_stride") if slide else None, amp=s.get("amp"))
+
     def _evaluate(self, model, x, y):
         from promptmatch.training import evaluate_segmentor
 
         s = self.cell.settings
-        slide = s.get("eval_mode") == "slide"
         return evaluate_segmentor(model, x, y, len(self.classes), batch=s["eval_batch"], device=self.device,
-                                  mode=s.get("eval_mode", "whole"), crop=s.get("eval_crop") if slide else None,
-                                  stride=s.get("eval_stride") if slide else None, amp=s.get("amp"),
-                                  channels_last=bool(s.get("channels_last")))
+                                  channels_last=bool(s.get("channels_last")), **self._inference())
 
     def trial(self, lr: float) -> float:
         from promptmatch.training import holdout_split
@@ -275,12 +279,9 @@ class MemoryEngine:
                 out["miou"][key] = m
                 out["per_class_iou"][key] = dict(zip(self.eval_classes[key], per_class))
             first = next(iter(self.evals.values()))[0]
-            slide = s.get("eval_mode") == "slide"
 
             def infer(xi):
-                segment_logits(model, xi.to(device), mode=s.get("eval_mode", "whole"),
-                               crop=s.get("eval_crop") if slide else None,
-                               stride=s.get("eval_stride") if slide else None, amp=s.get("amp"))
+                segment_logits(model, xi.to(device), **self._inference())
             out["latency_ms_median"] = _latency_ms(infer, [first[i % len(first)][None] for i in
                                                            range(min(s["latency_images"], len(first)) + 2)], device)
         extra = {"dataset": c.dataset["name"], "seed": c.seed, "lr": lr}
@@ -356,10 +357,6 @@ def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None,
 
 
 def error_record(cell: Cell, reason: str, wall_s: float) -> Dict[str, Any]:
-    s = cell.settings
-    return {"version": RECORD_VERSION, "key": cell.key, "method": cell.method, "method_name": cell.method_name,
-            "method_cfg": cell.method_cfg, "backbone": cell.backbone,
-            "dataset": cell.dataset["name"], "splits": cell.dataset["splits"], "settings": s,
-            "setting_label": settings_label(s), "seed": cell.seed, "status": "error",
-            "reason": reason, "wall_s": wall_s}
+    """The record of a cell that failed: :func:`record_head`'s fields, ``status: "error"`` and the reason."""
+    return {**record_head(cell), "status": "error", "reason": reason, "wall_s": wall_s}
 
