@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_prompts, read_prompt_metadata
+from .methods import saved_method_config
 from .segmentor import PromptSegmentor
 
 __all__ = ["PromptBank"]
@@ -42,7 +43,7 @@ class PromptBank(nn.Module):
             self.backbone,
             num_classes=meta["num_classes"],
             method=meta["method"],
-            method_cfg=meta["method_config"],
+            method_cfg=saved_method_config(meta["method"], meta["method_config"]),
             decoder=meta["decoder"],
             decoder_cfg=meta.get("decoder_config"),
             class_names=meta.get("class_names"),

@@ -310,10 +310,23 @@ def _differences(want: Mapping[str, Any], got: Mapping[str, Any]) -> List[str]:
     if want["method"] != got.get("method"):
         diffs.append(f"method: checkpoint has {got.get('method')!r}, model has {want['method']!r}")
     else:
-        wc, gc = want["method_config"], got.get("method_config", {})
-        for k in sorted(set(wc) | set(gc)):
-            if wc.get(k) != gc.get(k):
-                diffs.append(f"method_config.{k}: checkpoint has {gc.get(k)!r}, model has {wc.get(k)!r}")
+        from .methods import get_method, saved_method_config
+
+        saved = got.get("method_config") or {}
+        wc, gc = want["method_config"], saved_method_config(got["method"], saved)
+        config_diffs = [f"method_config.{k}: checkpoint has {gc.get(k)!r}, model has {wc.get(k)!r}"
+                        for k in sorted(set(wc) | set(gc)) if wc.get(k) != gc.get(k)]
+        if config_diffs:
+            try:
+                cfg_cls = get_method(got["method"]).config_class
+            except ValueError:
+                cfg_cls = None
+            older = sorted(set(getattr(cfg_cls, "SAVED_BEFORE", {})) - set(saved))
+            if older:  # saved before some fields existed: say how to rebuild the model it came from
+                config_diffs.append(
+                    f"(the checkpoint was saved before the fields {older} existed; build the model with the "
+                    f"settings it was trained with: {getattr(cfg_cls, 'SAVED_BEFORE_HINT', 'its method_config')})")
+        diffs.extend(config_diffs)
     for field in ("decoder", "decoder_config"):
         if want[field] != got.get(field):
             diffs.append(f"{field}: checkpoint has {got.get(field)!r}, model has {want[field]!r}")

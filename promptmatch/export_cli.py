@@ -140,7 +140,7 @@ def build_timm_model(args: argparse.Namespace):
     method = args.method or meta.get("method") or "spm"
     method_cfg = _json_arg(args.method_cfg, "--method-cfg")
     if method_cfg is None and meta.get("method") == method:
-        method_cfg = meta.get("method_config")
+        method_cfg = pm.methods.saved_method_config(method, meta.get("method_config") or {})
     decoder = args.decoder or meta.get("decoder") or "linear"
     decoder_cfg = _json_arg(args.decoder_cfg, "--decoder-cfg")
     if decoder_cfg is None and meta.get("decoder") == decoder:

@@ -165,6 +165,7 @@ def _build_skeleton(meta: Mapping[str, Any]) -> "PromptSegmentor":
     The caller's torch random state is left as it was.
     """
     from .backbones import create_backbone
+    from .methods import saved_method_config
     from .segmentor import PromptSegmentor
 
     bb = meta["backbone"]
@@ -175,7 +176,7 @@ def _build_skeleton(meta: Mapping[str, Any]) -> "PromptSegmentor":
             backbone,
             seg_rec["num_classes"],
             method=seg_rec["method"],
-            method_cfg=seg_rec["method_config"],
+            method_cfg=saved_method_config(seg_rec["method"], seg_rec["method_config"]),
             decoder=seg_rec["decoder"],
             decoder_cfg=seg_rec.get("decoder_config"),
             class_names=seg_rec.get("class_names"),

@@ -70,8 +70,10 @@ class PromptSegmentor(PromptedCore, nn.Module):
 
     # -------------------------------------------------------------- forward
     def forward_features(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
-        """Boundary features after the method acted on them, and the method's per-pass state."""
-        return self.prompted_features(images)
+        """The features the decoder reads (the boundary features after the method acted on
+        them, as the method hands them to a decoder), and the method's per-pass state."""
+        feats, state = self.prompted_features(images)
+        return self.method.decoder_features(feats, state), state
 
     def _decode(self, feats: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         logits = self.decode_head(feats)

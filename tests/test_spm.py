@@ -18,14 +18,23 @@ VARIANTS = {
     "two-iterations": {"iterations": 2},
     "fewer-boundaries": {"boundaries": (1, 2)},
     "deepest-two": {"boundaries": (-2, -1)},
+    # switches added in v3 (each alone; the v3 default combines some of them)
+    "observe-early": {"prompt_boundaries": (-2, -1)},
+    "taps-before-prompt": {"decoder_taps": "before_prompt"},
+    "prompt-dropout": {"prompt_dropout": 0.3},
+    "prompt-bound": {"prompt_bound": 0.5},
+    "confidence-gate": {"gate": "confidence"},
 }
+#: the switches added after v2, each with a value other than its v2 behaviour
+V3_SWITCHES = ("observe-early", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_variant_is_identity_at_init_and_learns(variant, backbone):
     torch.manual_seed(0)
-    model = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, "linear", method_cfg=VARIANTS[variant])
+    decoder = "multilevel" if variant in V3_SWITCHES else "linear"  # decoder taps need a multi-level decoder
+    model = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, decoder, method_cfg=VARIANTS[variant])
     images, labels = make_batch(64, num_classes=3)
     with torch.no_grad():
         want = model.staged.forward(images)
@@ -89,7 +98,165 @@ def test_prompt_scale_follows_the_features():
     ({"matcher_stride": -1}, "matcher_stride must be an int >= 0"),
     ({"prompt_scale": "rms"}, "prompt_scale must be 'feature' or 'none'"),
     ({"zero_init": "all"}, "zero_init must be 'gamma' or 'out_proj'"),
+    ({"decoder_taps": "frozen"}, "decoder_taps must be 'prompted' or 'before_prompt'"),
+    ({"prompt_dropout": 1.0}, "prompt_dropout"),
+    ({"prompt_bound": -1}, "prompt_bound must be a finite number"),
+    ({"gate": "entropy"}, "gate must be 'none' or 'confidence'"),
+    ({"gate": "confidence", "semantic_guidance": False}, "semantic_guidance=False"),
+    ({"prompt_boundaries": (1, 1)}, "prompt_boundaries has duplicates"),
 ])
 def test_bad_spm_config(cfg, match):
     with pytest.raises(ValueError, match=match):
         pm.SPMConfig(**cfg)
+
+
+@pytest.mark.parametrize("variant", V3_SWITCHES)
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_v3_switch_gradients_and_checkpoint_round_trip(variant, backbone, tmp_path):
+    """Each v3 switch: gradients reach the matchers and heads only (never a frozen backbone
+    weight), and a prompt checkpoint reloads into a model with the same switch bit-exactly
+    and is refused by one built without it."""
+    cfg = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, "multilevel", method_cfg=cfg)
+    images, labels = make_batch(64, num_classes=3)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    for _ in range(2):
+        loss = sum(model.loss(images, labels).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in model.staged.model.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("method.", "decode_head.")) for n in trainable), sorted(trainable)[:5]
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad <= trainable
+    assert any(n.startswith("method.out_proj") for n in with_grad) and any(n.startswith("method.cell") for n in with_grad)
+    model.eval()
+    with torch.no_grad():
+        want = model(images)
+    path = pm.save_prompts(model, tmp_path / "p.safetensors")
+    torch.manual_seed(1)
+    again = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, "multilevel", method_cfg=cfg).eval()
+    pm.load_prompts(again, path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), want, rtol=0, atol=0)
+    other = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.v2())
+    with pytest.raises(pm.PromptMismatchError, match="method_config"):
+        pm.load_prompts(other, path)
+
+
+def test_observing_boundaries_add_nothing_and_cost_no_backbone_gradients():
+    """A boundary outside prompt_boundaries updates the recurrent state and its interim map
+    but hands the features on untouched and has no output projection; the frozen stages
+    between it and the first prompting boundary run without autograd."""
+    torch.manual_seed(0)
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel",
+                                method_cfg={"prompt_boundaries": (-1,)})
+    n = len(model.staged.stages)
+    assert sorted(model.method.out_proj.keys()) == [str(n - 1)]
+    images, labels = make_batch(64, num_classes=3)
+    with torch.no_grad():
+        model.method.out_proj[str(n - 1)].weight.normal_(0, 0.1)
+    frozen = model.staged.forward(images)
+    feats, state = model.forward_features(images)
+    for i in range(n - 1):
+        torch.testing.assert_close(feats[i], frozen[i], rtol=0, atol=0)
+        assert not feats[i].requires_grad  # nothing trainable before the last boundary's prompt
+    assert not torch.allclose(feats[-1], frozen[-1])
+    assert sorted(state["interim"]) == list(range(n))  # every boundary still reads and estimates
+    loss = sum(model.loss(images, labels).values())
+    loss.backward()
+    assert model.method.in_proj["0"].weight.grad is not None  # the early matchers train through h
+    with pytest.raises(ValueError, match="not matcher boundaries"):
+        pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3,
+                            method_cfg={"boundaries": (2, 3), "prompt_boundaries": (1,)})
+
+
+def test_decoder_taps_read_before_the_prompt():
+    """decoder_taps='before_prompt': the decoder reads each boundary before the last as the
+    stage produced it, while the next stage gets the prompted features."""
+    torch.manual_seed(0)
+    cfg = {"decoder_taps": "before_prompt", "matcher_stride": 0}
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=cfg).eval()
+    seen = {}
+    original = model.method.boundary
+
+    def spy(index, features, state):
+        out = original(index, features, state)
+        seen[index] = (features, out)
+        return out
+
+    model.method.boundary = spy
+    with torch.no_grad():
+        for p in model.method.out_proj.parameters():
+            p.normal_(0, 0.1)
+        images, _ = make_batch(64, num_classes=3)
+        feats, _ = model.forward_features(images)
+    n = len(feats)
+    for i in range(n - 1):
+        before, after = seen[i]
+        assert feats[i] is before and not torch.equal(before, after)
+    assert feats[-1] is seen[n - 1][1]
+
+
+def test_prompt_bound_and_gate_limit_the_prompt():
+    from promptmatch.staging import Stage
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8)
+    for cfg, limit in (({"prompt_bound": 0.25, "prompt_scale": "none"}, 0.25),
+                       ({"gate": "confidence", "prompt_scale": "none"}, None)):
+        m = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(**cfg))
+        ref = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(prompt_scale="none"))
+        ref.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            m.out_proj["0"].weight.normal_(0, 10.0)
+            ref.out_proj["0"].weight.copy_(m.out_proj["0"].weight)
+            p = m.boundary(0, x, m.init_state()) - x
+            q = ref.boundary(0, x, ref.init_state()) - x
+        if limit is not None:
+            assert float(p.abs().max()) <= limit + 1e-6 < float(q.abs().max())
+        else:  # zero-initialised interim classifier: uniform maps, every position gated by 1/K
+            torch.testing.assert_close(p, q / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_dropout_drops_whole_prompts_in_training_only():
+    from promptmatch.staging import Stage
+
+    torch.manual_seed(0)
+    m = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(prompt_dropout=0.5, prompt_scale="none"))
+    with torch.no_grad():
+        m.out_proj["0"].weight.normal_()
+    x = torch.randn(64, 16, 4, 4)
+    m.eval()
+    with torch.no_grad():
+        clean = m.boundary(0, x, m.init_state()) - x
+    m.train()
+    with torch.no_grad():
+        p = m.boundary(0, x, m.init_state()) - x
+    kept = p.flatten(1).abs().sum(1) > 0
+    assert 10 < int(kept.sum()) < 54  # about half the samples keep their prompt
+    torch.testing.assert_close(p[kept], 2 * clean[kept], rtol=1e-5, atol=1e-6)
+
+
+def test_v2_checkpoint_loads_into_a_v2_model():
+    """A prompt checkpoint written by SPM v2 (promptmatch 2026-12-01, before the v3 switches
+    existed; tests/data/spm_v2) loads into a model built with the v2 settings and gives the
+    logits it gave then; a model built with another config refuses it."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "spm_v2"
+    meta = pm.read_prompt_metadata(data / "prompts.safetensors")
+    assert "decoder_taps" not in meta["method_config"]  # written before the field existed
+    ref = torch.load(data / "reference.pt")
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel",
+                                method_cfg=pm.SPMConfig.v2()).eval()
+    pm.load_prompts(model, data / "prompts.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["images"]), ref["logits"], rtol=1e-5, atol=1e-5)
+    if pm.SPMConfig() != pm.SPMConfig.v2():
+        default = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel")
+        with pytest.raises(pm.PromptMismatchError, match="SPMConfig.v2"):
+            pm.load_prompts(default, data / "prompts.safetensors")

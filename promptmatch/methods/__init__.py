@@ -15,6 +15,7 @@ from .base import (
     interim_losses,
     list_methods,
     register_method,
+    saved_method_config,
 )
 from .bitfit import BitFit, BitFitConfig
 from .full import FullFineTune, FullFineTuneConfig
@@ -25,7 +26,7 @@ from .vpt import VisualPromptTuning, VPTConfig
 
 __all__ = [
     "MethodConfig", "MethodNotApplicableError", "TuningMethod", "build_method", "get_method", "interim_losses", "list_methods",
-    "register_method",
+    "register_method", "saved_method_config",
     "SPMConfig", "SemanticPromptMatcher", "ConvGRUCell",
     "LinearProbe", "LinearProbeConfig", "FullFineTune", "FullFineTuneConfig", "BitFit", "BitFitConfig",
     "VisualPromptTuning", "VPTConfig", "LoRA", "LoRAConfig", "AdaptFormer", "AdaptFormerConfig",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -43,6 +43,23 @@ class MethodConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
             self._fail(name, "a float in [0, 1)")
         setattr(self, name, float(v))
+
+    #: For fields added after checkpoints of this method were first saved: the value a field
+    #: takes when a saved config lacks it (the behaviour the checkpoint was trained with,
+    #: which may differ from today's default).
+    SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def with_saved_defaults(cls, data: Mapping[str, Any]) -> Dict[str, Any]:
+        """``data`` (a config saved in a checkpoint) with every field it lacks that was added
+        later set to the value it had before that field existed."""
+        return {**{k: v for k, v in cls.SAVED_BEFORE.items() if k not in data}, **dict(data)}
+
+    @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> "MethodConfig":
+        """The config of a checkpoint: like :meth:`from_dict`, but fields the checkpoint
+        predates take their old behaviour, not today's default."""
+        return cls.from_dict(cls.with_saved_defaults(data))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
@@ -95,6 +112,11 @@ class TuningMethod(nn.Module):
         """Loss weight of each interim semantic map this method produces, by boundary index."""
         return {}
 
+    def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
+        """The features a decoder reads, given the boundary outputs of one pass (by default,
+        those outputs themselves)."""
+        return list(features)
+
 
 def interim_losses(
     method: TuningMethod,
@@ -143,6 +165,14 @@ def get_method(name: str) -> Type[TuningMethod]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available methods: {list(list_methods())}")
     return _REGISTRY[name]
+
+
+def saved_method_config(method: str, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The config dict a checkpoint of ``method`` saved, with every field added after it was
+    saved set to the behaviour the checkpoint was trained with (see
+    :meth:`MethodConfig.with_saved_defaults`); unknown methods are returned as they are."""
+    cls = _REGISTRY.get(method)
+    return cls.config_class.with_saved_defaults(config) if cls is not None else dict(config)
 
 
 def build_method(

@@ -21,7 +21,7 @@ Design choices left open by the paper are documented in ``docs/spm.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,52 @@ class SPMConfig(MethodConfig):
                           "projection random: slower to start, as a product of two small factors)"},
     )
 
+    prompt_boundaries: Optional[Tuple[int, ...]] = field(
+        default=None,
+        metadata={"help": "the matcher boundaries whose prompt is added to the features (None: all); the "
+                          "others only observe: they update the recurrent state and their interim map but "
+                          "leave the features as they are (no output projection, no backpropagation "
+                          "through the frozen stages that follow them)"},
+    )
+    decoder_taps: str = field(
+        default="prompted",
+        metadata={"help": "what a multi-level decoder reads at the boundaries before the last: 'prompted' "
+                          "(the matcher's output, v2) or 'before_prompt' (the stage's output before this "
+                          "boundary's prompt is added: a prompt then reaches the decoder only through the "
+                          "deeper stages; the last stage is always read prompted)"},
+    )
+    prompt_dropout: float = field(
+        default=0.0,
+        metadata={"help": "in training, drop each sample's prompt at a boundary with this probability "
+                          "(stochastic depth of the prompt; kept prompts are scaled by 1/(1-p))"},
+    )
+    prompt_bound: float = field(
+        default=0.0,
+        metadata={"help": "bound on the prompt in the matcher's normalised space: b * tanh(P / b), so "
+                          "no prompt exceeds b times its position's feature scale (0: unbounded)"},
+    )
+    gate: str = field(
+        default="none",
+        metadata={"help": "'confidence': multiply the prompt at each position by the interim map's top "
+                          "class probability there (needs semantic_guidance); 'none': no gate"},
+    )
+
+    #: The value each field added after v2 takes in a checkpoint saved before it existed:
+    #: the behaviour that checkpoint was trained with (see :meth:`MethodConfig.from_saved`).
+    SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {"prompt_boundaries": None, "decoder_taps": "prompted", "prompt_dropout": 0.0,
+                    "prompt_bound": 0.0, "gate": "none"}
+
+    SAVED_BEFORE_HINT: ClassVar[str] = "method_cfg=promptmatch.SPMConfig.v2() for an SPM v2 checkpoint"
+
+    @classmethod
+    def v2(cls, **changes: Any) -> "SPMConfig":
+        """The settings of SPM v2 (promptmatch up to 2026-12-01), e.g. to load its checkpoints."""
+        base = dict(hidden_dim=64, boundaries=None, recurrent=True, semantic_guidance=True, iterations=1,
+                    interim_loss_weight=0.2, kernel_size=3, matcher_stride=8, prompt_scale="feature",
+                    zero_init="out_proj", **cls.SAVED_BEFORE)
+        base.update(changes)
+        return cls(**base)
+
     def __post_init__(self) -> None:
         self._check_positive_int("hidden_dim")
         if self.boundaries is not None:
@@ -93,6 +139,27 @@ class SPMConfig(MethodConfig):
             raise ValueError(f"SPMConfig.zero_init must be 'gamma' or 'out_proj', got {self.zero_init!r}")
         for name in ("recurrent", "semantic_guidance"):
             self._check_bool(name)
+        if self.prompt_boundaries is not None:
+            pb = tuple(self.prompt_boundaries)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in pb):
+                raise ValueError(f"SPMConfig.prompt_boundaries must be a sequence of ints or None, "
+                                 f"got {self.prompt_boundaries!r}")
+            if len(set(pb)) != len(pb):
+                raise ValueError(f"SPMConfig.prompt_boundaries has duplicates: {pb}")
+            self.prompt_boundaries = tuple(sorted(pb))
+        if self.decoder_taps not in ("prompted", "before_prompt"):
+            raise ValueError(f"SPMConfig.decoder_taps must be 'prompted' or 'before_prompt', "
+                             f"got {self.decoder_taps!r}")
+        self._check_dropout("prompt_dropout")
+        if (not isinstance(self.prompt_bound, (int, float)) or isinstance(self.prompt_bound, bool)
+                or not self.prompt_bound >= 0 or self.prompt_bound == float("inf")):
+            raise ValueError(f"SPMConfig.prompt_bound must be a finite number >= 0 (0: unbounded), "
+                             f"got {self.prompt_bound!r}")
+        if self.gate not in ("none", "confidence"):
+            raise ValueError(f"SPMConfig.gate must be 'none' or 'confidence', got {self.gate!r}")
+        if self.gate == "confidence" and not self.semantic_guidance:
+            raise ValueError("SPMConfig.gate='confidence' gates the prompt by the interim semantic map, which "
+                             "semantic_guidance=False turns off: use gate='none' or semantic_guidance=True")
 
 
 def _channel_layer_norm(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +201,17 @@ class SemanticPromptMatcher(TuningMethod):
         if bad:
             raise ValueError(f"SPMConfig.boundaries {bad} out of range for a backbone with {n} stages")
         self.boundary_indices = tuple(sorted({b % n for b in bounds}))
+        if config.prompt_boundaries is None:
+            self.prompt_indices = self.boundary_indices
+        else:
+            bad = [b for b in config.prompt_boundaries
+                   if not -n <= b < n or b % n not in self.boundary_indices]
+            if bad:
+                raise ValueError(f"SPMConfig.prompt_boundaries {bad} are not matcher boundaries "
+                                 f"{self.boundary_indices} of this {n}-stage backbone (a boundary must have "
+                                 f"a matcher to add a prompt)")
+            self.prompt_indices = tuple(sorted({b % n for b in config.prompt_boundaries}))
+        self._last_stage = n - 1
         d = config.hidden_dim
         self.in_proj = nn.ModuleDict()
         self.out_proj = nn.ModuleDict()
@@ -143,13 +221,14 @@ class SemanticPromptMatcher(TuningMethod):
         for b in self.boundary_indices:
             c = self.stages[b].channels
             self.in_proj[str(b)] = nn.Conv2d(c, d, 1)
-            self.out_proj[str(b)] = nn.Conv2d(d, c, 1)
-            if config.zero_init == "out_proj":
-                nn.init.zeros_(self.out_proj[str(b)].weight)
-                nn.init.zeros_(self.out_proj[str(b)].bias)
-                self.gamma[str(b)] = nn.Parameter(torch.ones(c))
-            else:
-                self.gamma[str(b)] = nn.Parameter(torch.zeros(c))
+            if b in self.prompt_indices:  # an observing boundary has no way back to the features
+                self.out_proj[str(b)] = nn.Conv2d(d, c, 1)
+                if config.zero_init == "out_proj":
+                    nn.init.zeros_(self.out_proj[str(b)].weight)
+                    nn.init.zeros_(self.out_proj[str(b)].bias)
+                    self.gamma[str(b)] = nn.Parameter(torch.ones(c))
+                else:
+                    self.gamma[str(b)] = nn.Parameter(torch.zeros(c))
             red = self.stages[b].reduction
             if config.matcher_stride and red < config.matcher_stride:
                 self.pool[str(b)] = max(1, config.matcher_stride // max(red, 1))
@@ -165,12 +244,36 @@ class SemanticPromptMatcher(TuningMethod):
         self.cell = ConvGRUCell(2 * d if config.semantic_guidance else d, d, config.kernel_size)
 
     def init_state(self) -> Dict[str, Any]:
-        return {"interim": {}, "h": None}
+        return {"interim": {}, "h": None, "taps": []}
 
     def interim_weights(self) -> Dict[int, float]:
         if not self.config.semantic_guidance or self.config.interim_loss_weight == 0:
             return {}
         return {b: float(self.config.interim_loss_weight) for b in self.boundary_indices}
+
+    def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
+        """With ``decoder_taps='before_prompt'``, each prompted boundary output before the last
+        stage is replaced by the features it was made from."""
+        taps = state.get("taps") or ()
+        return [next((before for after, before in taps if after is f), f) for f in features]
+
+    def _prompt(self, key: str, h: torch.Tensor, logits: Optional[torch.Tensor], scale: torch.Tensor
+                ) -> torch.Tensor:
+        cfg: SPMConfig = self.config
+        prompt = self.out_proj[key](h)
+        if cfg.prompt_bound:
+            b = float(cfg.prompt_bound)
+            prompt = b * torch.tanh(prompt / b)
+        prompt = self.gamma[key].view(1, -1, 1, 1) * prompt
+        if cfg.gate == "confidence" and logits is not None:
+            prompt = prompt * logits.softmax(1).amax(1, keepdim=True)
+        if cfg.prompt_scale == "feature":
+            prompt = prompt * scale.detach()
+        if cfg.prompt_dropout and self.training:
+            keep = 1.0 - cfg.prompt_dropout
+            mask = torch.rand(prompt.shape[0], 1, 1, 1, device=prompt.device) < keep
+            prompt = prompt * mask.to(prompt.dtype) / keep
+        return prompt
 
     def boundary(self, index: int, features: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
         key = str(index)
@@ -188,9 +291,10 @@ class SemanticPromptMatcher(TuningMethod):
             h = F.interpolate(h_prev, size=(hgt, wid), mode="bilinear", align_corners=False)
         else:
             h = h_prev
-        gamma = self.gamma[key].view(1, -1, 1, 1)
+        prompts = key in self.out_proj
         out = coarse
         logits = None
+        prompt = None
         for i in range(cfg.iterations):
             normed, scale = _channel_layer_norm(out)
             z = self.in_proj[key](normed)
@@ -199,15 +303,18 @@ class SemanticPromptMatcher(TuningMethod):
                 context = torch.einsum("nkhw,kd->ndhw", logits.softmax(1), self.class_embed)
                 z = torch.cat([z, context], 1)
             h = self.cell(z, h)
-            prompt = gamma * self.out_proj[key](h)
-            if cfg.prompt_scale == "feature":
-                prompt = prompt * scale.detach()
-            if i + 1 < cfg.iterations:
-                out = coarse + prompt
-        if k > 1:
-            prompt = F.interpolate(prompt, size=full_size, mode="bilinear", align_corners=False)
-        out = features + prompt
+            if prompts:
+                prompt = self._prompt(key, h, logits, scale)
+                if i + 1 < cfg.iterations:
+                    out = coarse + prompt
         state["h"] = h
         if logits is not None:
             state["interim"][index] = logits
+        if prompt is None:  # an observing boundary
+            return features
+        if k > 1:
+            prompt = F.interpolate(prompt, size=full_size, mode="bilinear", align_corners=False)
+        out = features + prompt
+        if cfg.decoder_taps == "before_prompt" and index != self._last_stage:
+            state.setdefault("taps", []).append((out, features))
         return out

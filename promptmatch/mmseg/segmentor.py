@@ -188,6 +188,8 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
         with self.prompted_session(inputs) as state:
             x = self.backbone(inputs)
+        if isinstance(x, (list, tuple)):
+            x = type(x)(self.method.decoder_features(x, state))
         return x, state
 
     def extract_feat(self, inputs: Tensor) -> List[Tensor]:
