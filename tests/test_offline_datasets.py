@@ -24,7 +24,11 @@ from promptmatch import datasets as D
 from promptmatch.datasets import offline as O
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["nuclei", "photo_collage", "texture_mosaic"]
+NAMES = ["clutter_objects", "long_tail", "nuclei", "photo_collage", "texture_mosaic", "thin_structures"]
+#: the shifts that change pixels only (labels kept), with a parameter range to check
+PIXEL_SHIFTS = {"colour": None, "blur": ("radius", 1.2, 2.0), "noise": ("sigma", 12, 20),
+                "jpeg": ("quality", 8, 20), "gamma": ("gamma", 0.45, 2.2),
+                "defocus": ("radius", 1.5, 2.5), "motion": ("length", 5.0, 9.0)}
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -94,12 +98,25 @@ def test_registry_and_names():
         assert len(set(classes)) == len(classes)
     assert 6 <= len(D.dataset_classes("texture_mosaic")) <= 8
     assert D.dataset_classes("nuclei") == ["background", "nucleus"]
-    assert D.SPLITS == ("train", "val", "val_colour", "val_blur", "val_noise", "val_scale")
+    assert D.dataset_classes("thin_structures") == ["background", "vessel", "wire"]
+    assert D.dataset_classes("clutter_objects")[0] == "background"
+    assert 5 <= len(D.dataset_classes("clutter_objects")) <= 6
+    assert len(D.dataset_classes("long_tail")) == 16
+    # the first four shifts keep their positions (and so their random streams)
+    assert D.SPLITS == ("train", "val", "val_colour", "val_blur", "val_noise", "val_scale",
+                        "val_jpeg", "val_gamma", "val_defocus", "val_motion")
+    assert set(PIXEL_SHIFTS) | {"scale"} == set(D.SHIFTS)
+    # object sources are never background sources; long_tail: 16 distinct sources
+    clutter = D.OFFLINE_DATASETS["clutter_objects"]
+    assert not set(clutter.sources[1:]) & set(clutter.background_sources)
+    assert clutter.sources[0] == clutter.background_sources[0]
+    assert len(set(D.OFFLINE_DATASETS["long_tail"].sources)) == 16
 
 
 @pytest.mark.parametrize("call", [D.dataset_classes, D.dataset_palette, D.build_offline_dataset])
 def test_unknown_name_lists_available(call, tmp_path):
-    with pytest.raises(ValueError, match="unknown offline dataset 'ade20k'; available: nuclei, photo_collage, texture_mosaic"):
+    with pytest.raises(ValueError, match="unknown offline dataset 'ade20k'; available: clutter_objects, "
+                                         "long_tail, nuclei, photo_collage, texture_mosaic, thin_structures"):
         if call is D.build_offline_dataset:
             call("ade20k", root=tmp_path)
         else:
@@ -120,7 +137,7 @@ def test_source_areas_are_disjoint_and_fit_the_crops():
             max(val[1] - train[3], train[1] - val[3])
         assert gap >= O.GUARD_PX, key
     for spec in D.OFFLINE_DATASETS.values():
-        for key in spec.sources:
+        for key in spec.all_sources:
             src = O._SOURCES[key]
             side = spec.crop_px[1] * src.scale
             for area in src.areas():
@@ -197,16 +214,107 @@ def test_train_and_val_crops_come_from_disjoint_areas(built, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_shifted_splits_change_images_consistently(built, name):
     path = built(name)
+    meta = _meta(path)
     val_x, val_y = D.load_offline_split(path, "val")
-    for shift in ("colour", "blur", "noise"):
+    for shift, check in PIXEL_SHIFTS.items():
         x, y = D.load_offline_split(path, f"val_{shift}")
         np.testing.assert_array_equal(y, val_y)  # photometric shifts keep the labels
         assert np.abs(x.astype(int) - val_x).mean() > 2, shift
+        if check is not None:  # the parameters drawn per image are recorded, within range
+            key, lo, hi = check
+            values = [s["shift"][key] for s in meta["samples"][f"val_{shift}"]]
+            assert len(values) == len(val_x) and all(lo <= v <= hi for v in values), (shift, values)
     x, y = D.load_offline_split(path, "val_scale")
     assert not np.array_equal(y, val_y)
     # zooming in makes label regions larger: fewer label changes between neighbours
     edges = lambda lab: (lab[:, 1:] != lab[:, :-1]).mean()  # noqa: E731
     assert edges(y) < edges(val_y)
+
+
+@pytest.mark.parametrize("shift", ["jpeg", "gamma", "defocus", "motion"])
+def test_new_pixel_shifts_are_deterministic_and_keep_labels(shift):
+    """The shifts added in build version 2, applied directly: same stream, same result."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    img[8:24, 8:24] = 200  # some flat area and some edges
+    label = (np.arange(32 * 32).reshape(32, 32) % 3).astype(np.uint8)
+    rendered = (img, label, [{"source": "x"}])
+    apply = O.SHIFT_REGISTRY[shift].apply
+    (a, la, ca), pa = apply(None, rendered, None, np.random.default_rng(7))
+    (b, lb, cb), pb = apply(None, rendered, None, np.random.default_rng(7))
+    assert a.dtype == np.uint8 and a.shape == img.shape
+    np.testing.assert_array_equal(a, b)
+    assert pa == pb and json.loads(json.dumps(pa)) == pa  # recorded in meta.json as is
+    assert la is label and ca == [{"source": "x"}]
+    assert np.abs(a.astype(int) - img).mean() > 2
+    (c, _, _), pc = apply(None, rendered, None, np.random.default_rng(8))
+    assert pc != pa and not np.array_equal(c, a)
+    # blur kernels (normalised) keep a flat image as it is, JPEG keeps it flat; gamma keeps
+    # black and white
+    flat = (np.full((16, 16, 3), 90, np.uint8), label[:16, :16], [])
+    (f, _, _), _ = apply(None, flat, None, np.random.default_rng(7))
+    if shift in ("defocus", "motion"):
+        assert (f == 90).all()
+    if shift == "jpeg":
+        assert np.ptp(f) <= 2 and abs(f.mean() - 90) <= 4
+    if shift == "gamma":
+        ends = (np.array([[[0, 255, 0]]], np.uint8), label[:1, :1], [])
+        assert apply(None, ends, None, np.random.default_rng(7))[0][0].tolist() == [[[0, 255, 0]]]
+
+
+def _label_stats(path: Path, split: str, num_classes: int):
+    """Pixel share per class and number of images holding each class."""
+    _, labels = D.load_offline_split(path, split)
+    share = np.bincount(labels.ravel(), minlength=num_classes) / labels.size
+    images = np.array([(labels == c).any(axis=(1, 2)).sum() for c in range(num_classes)])
+    return labels, share, images
+
+
+def test_long_tail_class_distribution(built):
+    """Zipf-like: a dominant head, the rarest classes well under 2% of the training pixels,
+    yet every class in several training images and in the validation set."""
+    spec = D.OFFLINE_DATASETS["long_tail"]
+    weights = np.asarray(spec.class_weights)
+    assert np.all(np.diff(weights) < 0) and abs(weights.sum() - 1) < 1e-9
+    path = built("long_tail")
+    _, share, images = _label_stats(path, "train", 16)
+    assert share[0] > 0.3 and share[:4].sum() > 0.6 and share[-4:].sum() < 0.06
+    assert np.sort(share)[:3].max() < 0.015, share  # the rarest: well under 2%
+    assert images.min() >= 5, images
+    _, _, val_images = _label_stats(path, "val", 16)
+    assert val_images.min() >= 1, val_images
+    assert _meta(path)["class_weights"] == list(spec.class_weights)
+
+
+def test_thin_structures_are_thin(built):
+    """Vessels and wires cover 3-12% of the pixels in all, every image has both, and they
+    are thin: an erosion by a 5x5 square removes (almost) all of them."""
+    labels, share, images = _label_stats(built("thin_structures"), "train", 3)
+    assert 0.03 <= share[1:].sum() <= 0.12, share
+    assert share[1] > 0.01 and share[2] > 0.01
+    assert (images == len(labels)).all()
+    per_image = (labels > 0).mean(axis=(1, 2))
+    assert per_image.min() > 0.01 and per_image.max() < 0.2
+    windows = np.lib.stride_tricks.sliding_window_view
+    for cls in (1, 2):
+        thin = labels == cls
+        eroded = windows(np.pad(thin, ((0, 0), (2, 2), (2, 2))), (5, 5), axis=(1, 2)).all(axis=(-1, -2))
+        assert eroded.sum() < 0.02 * thin.sum(), cls
+
+
+def test_clutter_objects_are_small_objects_on_clutter(built):
+    path = built("clutter_objects")
+    labels, share, images = _label_stats(path, "train", 6)
+    assert 0.8 < share[0] < 0.97, share  # objects are small
+    assert (share[1:] > 0.005).all()
+    assert images[0] == len(labels) and ((labels > 0).any(axis=(1, 2))).all()
+    assert (labels > 0).mean(axis=(1, 2)).max() < 0.5
+    meta = _meta(path)
+    spec = D.OFFLINE_DATASETS["clutter_objects"]
+    assert meta["class_sources"]["background"] == list(spec.background_sources)
+    for sample in meta["samples"]["train"]:  # background crops come from background sources only
+        for crop in sample["crops"]:
+            assert (crop["class"] == "background") == (crop["source"] in spec.background_sources), crop
 
 
 def test_second_call_returns_cached_dataset_without_rewriting(built):

@@ -36,7 +36,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 #: Bump whenever the generated content changes; datasets built by another version are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 DATA_ENV = "PROMPTMATCH_DATA"
 _PNG_COMPRESS_LEVEL = 1  # zlib level: 3x faster than 6 for ~10% larger files
 # recorded in meta.json as the generator: the package, whose layout is not part of the content
@@ -70,9 +70,19 @@ def _meta_digest(meta: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _class_sources(spec: OfflineDatasetSpec) -> Optional[Dict[str, Any]]:
+    """Source key per class for ``meta.json`` (a list where several sources fill a class)."""
+    if spec.kind == "tiles":
+        return None
+    out: Dict[str, Any] = dict(zip(spec.classes, spec.sources))
+    if spec.background_sources:
+        out[spec.classes[0]] = list(spec.background_sources)
+    return out
+
+
 def _build_into(spec: OfflineDatasetSpec, out: Path) -> Dict[str, Any]:
     bank = _SourceBank()
-    keys = list(dict.fromkeys(spec.sources))
+    keys = list(spec.all_sources)
     areas = {k: _SOURCES[k].areas() for k in keys}
     for k in keys:
         bank.raw(k)  # fail early (missing wheel, bad checksum) before writing anything
@@ -124,8 +134,7 @@ def _build_into(spec: OfflineDatasetSpec, out: Path) -> Dict[str, Any]:
         "kind": spec.kind,
         "classes": list(spec.classes),
         "palette": [list(c) for c in spec.palette],
-        "class_sources": ({c: s for c, s in zip(spec.classes, spec.sources)}
-                          if spec.kind != "tiles" else None),
+        "class_sources": _class_sources(spec),
         "ignore_index": IGNORE_INDEX,
         "reduce_zero_label": False,
         "img_suffix": ".png",
@@ -144,6 +153,10 @@ def _build_into(spec: OfflineDatasetSpec, out: Path) -> Dict[str, Any]:
         "content_sha256": content.hexdigest(),
         "files": dict(sorted(files.items())),
     }
+    if spec.class_weights is not None:
+        meta["class_weights"] = list(spec.class_weights)
+    if spec.layout:
+        meta["layout"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.layout.items()}
     meta["meta_sha256"] = _meta_digest(meta)
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return meta
@@ -288,7 +301,7 @@ def render_offline_as_folder(name: str, dest: PathLike, size: int, splits: Optio
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty; give a new folder")
     bank = _SourceBank()
-    keys = list(dict.fromkeys(spec.sources))
+    keys = list(spec.all_sources)
     areas = {k: _SOURCES[k].areas() for k in keys}
     make = _SCENE_MAKERS[spec.kind]
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -6,6 +6,7 @@ from it, and the build writes the splits in its order. Adding a shift is adding 
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -100,6 +101,77 @@ def _noise_shift(img: np.ndarray, rng: np.random.Generator, *, sigma: Range
     return np.clip(np.round(x), 0, 255).astype(np.uint8), {"sigma": s}
 
 
+def _jpeg_shift(img: np.ndarray, rng: np.random.Generator, *, quality: Tuple[int, int]
+                ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """JPEG re-encoding (Pillow, 4:2:0 chroma subsampling) at a quality in ``quality``
+    (inclusive), decoded back."""
+    q = int(rng.integers(quality[0], quality[1] + 1))
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=q)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        out = np.asarray(im.convert("RGB"))
+    return out, {"quality": q}
+
+
+def _gamma_shift(img: np.ndarray, rng: np.random.Generator, *, gamma: Tuple[Range, Range]
+                 ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """``x ** gamma`` on [0, 1] intensities, gamma from the lower (brighter) or upper
+    (darker) range (even odds)."""
+    g = float(rng.uniform(*gamma[0]) if rng.random() < 0.5 else rng.uniform(*gamma[1]))
+    x = (img.astype(np.float64) / 255.0) ** g
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8), {"gamma": g}
+
+
+def _convolve(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """``img`` (H, W, C uint8) convolved per channel with the normalised odd-sized
+    ``kernel`` (edges: mirrored), rounded back to uint8."""
+    kh, kw = kernel.shape
+    ph, pw = kh // 2, kw // 2
+    x = np.pad(img.astype(np.float64), ((ph, ph), (pw, pw), (0, 0)), mode="reflect")
+    h, w = img.shape[:2]
+    out = np.zeros(img.shape, np.float64)
+    flipped = kernel[::-1, ::-1]  # convolution, not correlation
+    for i, j in zip(*np.nonzero(flipped)):
+        out += flipped[i, j] * x[i:i + h, j:j + w]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _supersampled_kernel(inside: Callable[[np.ndarray, np.ndarray], np.ndarray], half: int,
+                         sub: int = 8) -> np.ndarray:
+    """A ``(2 half + 1)``-square kernel: the fraction of each pixel where ``inside(x, y)``
+    holds (``sub`` x ``sub`` samples per pixel), normalised to sum 1."""
+    t = (np.arange((2 * half + 1) * sub) + 0.5) / sub - half - 0.5
+    x, y = np.meshgrid(t, t)
+    k = inside(x, y).astype(np.float64).reshape(2 * half + 1, sub, 2 * half + 1, sub).mean(axis=(1, 3))
+    return k / k.sum()
+
+
+def _defocus_shift(img: np.ndarray, rng: np.random.Generator, *, radius: Range
+                   ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Defocus: convolution with a pillbox (disk) kernel of a radius (pixels) in ``radius``,
+    pixels partly inside the disk weighted by their covered fraction."""
+    r = float(rng.uniform(*radius))
+    kernel = _supersampled_kernel(lambda x, y: x * x + y * y <= r * r, int(np.ceil(r)))
+    return _convolve(img, kernel), {"radius": r}
+
+
+def _motion_shift(img: np.ndarray, rng: np.random.Generator, *, length: Range
+                  ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Linear motion blur: convolution with a centred line segment of a length (pixels) in
+    ``length`` at a random angle (a 1 px wide, area-sampled line kernel)."""
+    n = float(rng.uniform(*length))
+    angle = float(rng.uniform(0.0, 180.0))
+    c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+
+    def inside(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        along, across = x * c + y * s, -x * s + y * c
+        return (np.abs(along) <= n / 2) & (np.abs(across) <= 0.5)
+
+    kernel = _supersampled_kernel(inside, int(np.ceil(n / 2)))
+    return _convolve(img, kernel), {"length": n, "angle_deg": angle}
+
+
 def _scale_shift(scene: _Scene, rendered: Rendered, bank: _SourceBank, rng: np.random.Generator,
                  *, zoom: Range) -> Tuple[Rendered, Dict[str, Any]]:
     """The scene re-rendered from the sources, zoomed by a factor in ``zoom`` into a random
@@ -127,6 +199,15 @@ SHIFT_REGISTRY: Mapping[str, Shift] = MappingProxyType({s.name: s for s in (
           "zoom x1.5-2.0 into a random window of the validation scene, re-rendered from the "
           "sources (labels rasterised at the same view)",
           partial(_scale_shift, zoom=(1.5, 2.0))),
+    # --- evaluation-only shifts (added in build version 2) ---
+    Shift("jpeg", "JPEG re-encoding (Pillow) at quality 8-20, decoded back",
+          _on_pixels(partial(_jpeg_shift, quality=(8, 20)))),
+    Shift("gamma", "gamma 0.45-0.65 or 1.6-2.2 (even odds) on [0, 1] intensities",
+          _on_pixels(partial(_gamma_shift, gamma=((0.45, 0.65), (1.6, 2.2))))),
+    Shift("defocus", "defocus: pillbox (disk) kernel of radius 1.5-2.5 px",
+          _on_pixels(partial(_defocus_shift, radius=(1.5, 2.5)))),
+    Shift("motion", "linear motion blur: line kernel of length 5-9 px at a random angle",
+          _on_pixels(partial(_motion_shift, length=(5.0, 9.0)))),
 )})
 
 #: Domain shifts applied to the validation scenes; each gives a split ``val_<shift>``.

@@ -87,6 +87,7 @@ class _Source:
 
 
 _CC0_TEXTURES = "CC0-1.0"
+_NOT_STATED = "Not stated (ships with scikit-image, a BSD-3-Clause package)"
 _SOURCES: Mapping[str, _Source] = MappingProxyType({s.key: s for s in (
     # --- textures (scikit-image) ---
     _Source("brick", "skimage", "brick.png", (512, 512), "x", 168, "end",
@@ -138,6 +139,33 @@ _SOURCES: Mapping[str, _Source] = MappingProxyType({s.key: s for s in (
             "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
             "CC0-1.0", "scikit-image data.retina(): Wikimedia Commons File:Fundus_photograph_of_"
             "normal_left_eye.jpg (Mikael Häggström)", scale=2.0, region=(240, 240, 1170, 1170)),
+    _Source("motorcycle_left", "skimage", "motorcycle_left.png", (741, 500), "x", 232, "end",
+            "db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179",
+            _NOT_STATED,
+            "scikit-image data.stereo_motorcycle(): left image of the Middlebury 2014 "
+            "'Motorcycle' stereo pair, down-sampled x4 (Scharstein et al., GCPR 2014)"),
+    _Source("motorcycle_right", "skimage", "motorcycle_right.png", (741, 500), "x", 232, "end",
+            "5fc913ae870e42a4b662314bc904d1786bcad8e2f0b9b67dba5a229406357797",
+            _NOT_STATED,
+            "scikit-image data.stereo_motorcycle(): right image of the Middlebury 2014 "
+            "'Motorcycle' stereo pair, down-sampled x4 (Scharstein et al., GCPR 2014)"),
+    _Source("camera", "skimage", "camera.png", (512, 512), "x", 184, "start",
+            "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a",
+            "CC0-1.0", "scikit-image data.camera(): cameraman, CC0 by the photographer "
+            "(Lav Varshney)"),
+    _Source("clock", "skimage", "clock_motion.png", (400, 300), "x", 168, "end",
+            "f029226b28b642e80113d86622e9b215ee067a0966feaf5e60604a1e05733955",
+            "Public domain (released by the photographer)",
+            "scikit-image data.clock(): motion-blurred wall clock, by Stefan van der Walt"),
+    # --- documents and graphics (scikit-image) ---
+    _Source("page", "skimage", "page.png", (384, 191), "x", 168, "end",
+            "341a6f0a61557662b02734a9b6e56ec33a915b2c41886b97509dedf2a43b47a3",
+            _NOT_STATED, "scikit-image data.page(): scanned page of printed text"),
+    _Source("logo", "skimage", "logo.png", (500, 500), "x", 156, "end",
+            "f2c57fe8af089f08b5ba523d95573c26e62904ac5967f4c8851b27d033690168",
+            "Not stated separately (the scikit-image project's logo, in its BSD-3-Clause package)",
+            "scikit-image data.logo(): the scikit-image logo (snake over green and orange), "
+            "inner 332x332 of its disc", scale=0.95, region=(84, 84, 416, 416)),
     # --- fluorescence nuclei (stardist wheel) ---
     _Source("dsb_nuclei", "stardist", "stardist/data/images/img2d.tif", (512, 512), "y", 144, "end",
             "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750",

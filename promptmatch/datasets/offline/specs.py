@@ -1,9 +1,9 @@
 """What each offline dataset is: :class:`OfflineDatasetSpec` and the registry of datasets."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import List, Mapping, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 __all__ = [
     "IMAGE_SIZE",
@@ -29,10 +29,14 @@ class OfflineDatasetSpec:
         name: dataset name (the directory name under the data root).
         description: one line for humans.
         kind: scene generator: ``"mosaic"`` (blobby Voronoi regions), ``"collage"``
-            (shapes over a background) or ``"tiles"`` (crops of one annotated image).
+            (shapes over a background), ``"tiles"`` (crops of one annotated image),
+            ``"clutter"`` (small objects over a patchwork background) or ``"thin"``
+            (thin curves and polylines over a photo background).
         classes: class names; label value ``i`` is ``classes[i]``.
         palette: one RGB colour per class (for visualisation; mmseg ``metainfo``).
-        sources: source key per class (``mosaic``/``collage``) or the one source (``tiles``).
+        sources: source key per class (``mosaic``/``collage``/``clutter``/``thin``) or the
+            one source (``tiles``). For ``clutter``/``thin`` the source of class 0 (the
+            background) is the first of ``background_sources``.
         crop_px: range of the side, in source pixels (times the source's ``scale``), of the
             square source crop that covers the whole 128x128 canvas.
         colour_mode: ``"gray"``: sources are converted to grey levels with a per-source
@@ -40,6 +44,13 @@ class OfflineDatasetSpec:
         num_train / num_val: number of scenes per split (every ``val_<shift>`` split has
             ``num_val`` images, paired by id with ``val``).
         seed: base seed of the scene generator.
+        background_sources: (``clutter``/``thin``) every source that fills class 0, the
+            background; each background region draws one of them.
+        class_weights: (``mosaic``) draw each region's class independently with these
+            probabilities (normalised) instead of cycling the first region's class through
+            all classes: a long-tailed class distribution.
+        layout: kind-specific layout parameters (counts and size ranges, see
+            :mod:`.scenes`); recorded in ``meta.json``.
     """
 
     name: str
@@ -53,11 +64,34 @@ class OfflineDatasetSpec:
     num_train: int = 160
     num_val: int = 48
     seed: int = 0
+    background_sources: Tuple[str, ...] = ()
+    class_weights: Optional[Tuple[float, ...]] = None
+    layout: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     @property
     def num_classes(self) -> int:
         """Number of classes (label values ``0 .. num_classes - 1``)."""
         return len(self.classes)
+
+    @property
+    def all_sources(self) -> Tuple[str, ...]:
+        """Every source key the dataset reads, without repeats, in first-use order."""
+        return tuple(dict.fromkeys(self.sources + self.background_sources))
+
+
+def _zipf_weights(n: int, exponent: float) -> Tuple[float, ...]:
+    """``p_k`` proportional to ``1 / (k + 1) ** exponent`` for ``k = 0 .. n - 1``, normalised."""
+    w = [1.0 / (k + 1) ** exponent for k in range(n)]
+    total = sum(w)
+    return tuple(x / total for x in w)
+
+
+def _layout(**kw: Any) -> Mapping[str, Any]:
+    return MappingProxyType(dict(kw))
+
+
+#: Exponent of the long-tailed class distribution of ``long_tail``.
+LONG_TAIL_EXPONENT = 1.3
 
 
 OFFLINE_DATASETS: Mapping[str, OfflineDatasetSpec] = MappingProxyType({s.name: s for s in (
@@ -98,6 +132,61 @@ OFFLINE_DATASETS: Mapping[str, OfflineDatasetSpec] = MappingProxyType({s.name: s
         crop_px=(96, 144),
         colour_mode="gray",
         seed=3303,
+    ),
+    OfflineDatasetSpec(
+        name="clutter_objects",
+        description="2-6 small objects (ellipses, polygons, blobs), each filled with a crop of "
+                    "one of 5 photos/graphics, over a patchwork of crops of 4 cluttered "
+                    "photos/textures; class = object source, or background",
+        kind="clutter",
+        classes=("background", "astronaut", "cat", "cameraman", "rocket", "logo"),
+        palette=((0, 0, 0), (255, 127, 14), (140, 86, 75), (127, 127, 127), (31, 119, 180),
+                 (44, 160, 44)),
+        sources=("motorcycle_left", "astronaut", "chelsea", "camera", "rocket", "logo"),
+        crop_px=(112, 160),
+        colour_mode="rgb",
+        seed=4404,
+        background_sources=("motorcycle_left", "coffee", "gravel", "page"),
+        layout=_layout(background_cells=(3, 5), objects=(2, 6), object_radius=(0.045, 0.125),
+                       object_centre=(-0.04, 1.04)),
+    ),
+    OfflineDatasetSpec(
+        name="thin_structures",
+        description="Thin smooth curves ('vessel', 2-5 px, fundus texture) and thin straight-ish "
+                    "polylines ('wire', 1.5-3 px, grey wall texture) over a crop of a natural "
+                    "photo (motorcycle garage or coffee table)",
+        kind="thin",
+        classes=("background", "vessel", "wire"),
+        palette=((0, 0, 0), (220, 20, 60), (0, 191, 255)),
+        sources=("motorcycle_right", "retina", "clock"),
+        crop_px=(112, 160),
+        colour_mode="rgb",
+        seed=5505,
+        background_sources=("motorcycle_right", "coffee"),
+        layout=_layout(vessels=(2, 4), vessel_width_px=(2.0, 5.0), vessel_length=(0.45, 0.9),
+                       wires=(2, 4), wire_width_px=(1.5, 3.0), wire_length=(0.6, 1.2)),
+    ),
+    OfflineDatasetSpec(
+        name="long_tail",
+        description="Blobby Voronoi regions filled with crops of 16 different real textures and "
+                    "photos; region classes drawn from a Zipf-like distribution "
+                    f"(p_k ~ 1/(k+1)^{LONG_TAIL_EXPONENT}), so the last classes are rare",
+        kind="mosaic",
+        classes=("grass", "gravel", "brick", "astronaut", "coffee", "moon", "rocket", "tissue",
+                 "motorcycle", "cat", "cameraman", "coins", "print", "handwriting", "retina",
+                 "stars"),
+        palette=((34, 139, 34), (160, 160, 160), (178, 34, 34), (255, 127, 14), (214, 39, 40),
+                 (240, 230, 140), (31, 119, 180), (186, 85, 211), (255, 99, 71), (140, 86, 75),
+                 (105, 105, 105), (218, 165, 32), (0, 128, 128), (30, 144, 255),
+                 (227, 119, 194), (25, 25, 112)),
+        sources=("grass", "gravel", "brick", "astronaut", "coffee", "moon", "rocket", "ihc",
+                 "motorcycle_left", "chelsea", "camera", "coins", "page", "text", "retina",
+                 "hubble"),
+        crop_px=(96, 160),
+        colour_mode="rgb",
+        seed=6628,
+        class_weights=_zipf_weights(16, LONG_TAIL_EXPONENT),
+        layout=_layout(regions=(4, 6), min_seed_distance=0.24),
     ),
 )})
 
