@@ -24,9 +24,12 @@ VARIANTS = {
     "prompt-dropout": {"prompt_dropout": 0.3},
     "prompt-bound": {"prompt_bound": 0.5},
     "confidence-gate": {"gate": "confidence"},
+    "soft-interim": {"interim_targets": "soft"},
+    "balanced-interim": {"interim_class_balance": True},
 }
 #: the switches added after v2, each with a value other than its v2 behaviour
-V3_SWITCHES = ("observe-early", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate")
+V3_SWITCHES = ("observe-early", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate",
+               "soft-interim", "balanced-interim")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -104,6 +107,8 @@ def test_prompt_scale_follows_the_features():
     ({"gate": "entropy"}, "gate must be 'none' or 'confidence'"),
     ({"gate": "confidence", "semantic_guidance": False}, "semantic_guidance=False"),
     ({"prompt_boundaries": (1, 1)}, "prompt_boundaries has duplicates"),
+    ({"interim_targets": "bilinear"}, "interim_targets must be 'nearest' or 'soft'"),
+    ({"interim_class_balance": 1}, "interim_class_balance"),
 ])
 def test_bad_spm_config(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -260,3 +265,40 @@ def test_v2_checkpoint_loads_into_a_v2_model():
         default = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel")
         with pytest.raises(pm.PromptMismatchError, match="SPMConfig.v2"):
             pm.load_prompts(default, data / "prompts.safetensors")
+
+
+def test_soft_interim_targets_count_every_labelled_pixel():
+    """'soft' supervises each cell of a coarse interim map with its class proportions: on a
+    grid as fine as the labels it is the plain cross-entropy; an object smaller than a cell,
+    which nearest-neighbour targets miss, still pulls its cell towards its class."""
+    import torch.nn.functional as F
+
+    from promptmatch.methods.base import _soft_interim_ce
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 8, 8))
+    labels[0, 0, 0] = 255
+    logits = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(_soft_interim_ce(logits, labels, 255, True, False),
+                               F.cross_entropy(logits, labels, ignore_index=255), rtol=1e-5, atol=1e-6)
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[0, 5:7, 5:7] = 2  # a 2x2 object inside the first 8x8 cell, away from the pixel nearest picks
+    for soft, pulled in ((False, False), (True, True)):
+        logits = torch.zeros(1, 3, 2, 2)
+        logits[:, 2] = -10.0  # the map is sure there is no class 2 anywhere
+        logits.requires_grad_(True)
+        _soft_interim_ce(logits, labels, 255, soft, False).backward()
+        assert (float(logits.grad[0, 2, 0, 0]) < 0) is pulled  # descent raises class 2 in that cell
+
+
+def test_balanced_interim_loss_weighs_classes_equally():
+    """With interim_class_balance, a class of 1% of the pixels counts as much as one of 99%."""
+    from promptmatch.methods.base import _soft_interim_ce
+
+    labels = torch.zeros(1, 10, 10, dtype=torch.long)
+    labels[0, 0, 0] = 1
+    logits = torch.zeros(1, 2, 10, 10, requires_grad=True)
+    _soft_interim_ce(logits, labels, 255, True, True).backward()
+    g = logits.grad[0]
+    # total push towards each class over its own pixels is the same
+    torch.testing.assert_close(-g[1, 0, 0], -g[0][labels[0] == 0].sum(), rtol=1e-5, atol=1e-7)

@@ -112,6 +112,12 @@ class TuningMethod(nn.Module):
         """Loss weight of each interim semantic map this method produces, by boundary index."""
         return {}
 
+    #: how labels supervise an interim map coarser than they are: ``"nearest"`` (the label
+    #: at each cell's nearest pixel) or ``"soft"`` (each cell's class proportions)
+    interim_targets: str = "nearest"
+    #: weight each class of an interim map's loss by the inverse of its share of the batch
+    interim_class_balance: bool = False
+
     def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
         """The features a decoder reads, given the boundary outputs of one pass (by default,
         those outputs themselves)."""
@@ -130,18 +136,62 @@ def interim_losses(
     import torch.nn.functional as F
 
     weights = method.interim_weights()
+    soft, balance = method.interim_targets == "soft", bool(method.interim_class_balance)
     losses: Dict[str, torch.Tensor] = {}
     for idx, logits in sorted(state.get("interim", {}).items()):
         w = weights.get(idx, 0.0)
         if w == 0:
             continue
-        small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-        if (small != ignore_index).any():
-            ce = F.cross_entropy(logits, small, ignore_index=ignore_index)
+        if not soft and not balance:
+            small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+            if (small != ignore_index).any():
+                ce = F.cross_entropy(logits, small, ignore_index=ignore_index)
+            else:
+                ce = logits.sum() * 0.0  # all pixels ignored at this grid: no signal, no NaN
         else:
-            ce = logits.sum() * 0.0  # all pixels ignored at this grid: no signal, no NaN
+            ce = _soft_interim_ce(logits, labels, ignore_index, soft, balance)
         losses[f"{prefix}loss_interim_{idx}"] = w * ce
     return losses
+
+
+def _grid_class_counts(labels: torch.Tensor, grid: Tuple[int, int], k: int, ignore_index: int) -> torch.Tensor:
+    """(N, K, h, w): how many pixels of each class (ignored ones left out) fall into each
+    cell of a ``grid`` laid over the (N, H, W) labels; cell (i, j) covers the pixels whose
+    rows scale to i (``row * h // H``) and columns to j."""
+    n, hh, ww = labels.shape
+    h, w = grid
+    rows = (torch.arange(hh, device=labels.device) * h) // hh
+    cols = (torch.arange(ww, device=labels.device) * w) // ww
+    cell = (rows[:, None] * w + cols[None, :]).expand(n, hh, ww)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < k)
+    img = torch.arange(n, device=labels.device)[:, None, None].expand(n, hh, ww)
+    index = (img[valid] * (h * w) + cell[valid]) * k + labels[valid]
+    counts = torch.bincount(index, minlength=n * h * w * k).reshape(n, h, w, k)
+    return counts.permute(0, 3, 1, 2)
+
+
+def _soft_interim_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, soft: bool,
+                     balance: bool) -> torch.Tensor:
+    """Cross-entropy of an interim map against each cell's class proportions (``soft``) or its
+    nearest label, optionally with classes weighted by the inverse of their share of the batch."""
+    import torch.nn.functional as F
+
+    k = logits.shape[1]
+    if soft:
+        target = _grid_class_counts(labels, tuple(logits.shape[-2:]), k, ignore_index).to(logits.dtype)
+    else:
+        small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        keep = (small != ignore_index) & (small >= 0) & (small < k)
+        target = F.one_hot(small.clamp(0, k - 1), k).permute(0, 3, 1, 2).to(logits.dtype) * keep[:, None]
+    mass = target.sum(dim=(0, 2, 3))  # per class, over the batch
+    if float(mass.sum()) == 0:
+        return logits.sum() * 0.0  # all pixels ignored: no signal, no NaN
+    if balance:  # every present class gets the same total weight
+        present = mass > 0
+        cw = torch.where(present, mass.sum() / (present.sum() * mass.clamp_min(1e-12)), torch.zeros_like(mass))
+        target = target * cw.view(1, -1, 1, 1)
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(target * logp).sum() / target.sum()
 
 
 _REGISTRY: Dict[str, Type[TuningMethod]] = {}

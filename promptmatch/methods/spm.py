@@ -94,6 +94,17 @@ class SPMConfig(MethodConfig):
         metadata={"help": "bound on the prompt in the matcher's normalised space: b * tanh(P / b), so "
                           "no prompt exceeds b times its position's feature scale (0: unbounded)"},
     )
+    interim_targets: str = field(
+        default="nearest",
+        metadata={"help": "how the labels supervise each (coarse) interim map: 'nearest' (the label at each "
+                          "cell's nearest pixel, v2: objects smaller than a cell often vanish) or 'soft' (each "
+                          "cell's class proportions: every labelled pixel counts)"},
+    )
+    interim_class_balance: bool = field(
+        default=False,
+        metadata={"help": "weight the classes of the interim maps' loss by the inverse of their share of the "
+                          "batch, so that a dominant class (background) cannot make the maps uninformative"},
+    )
     gate: str = field(
         default="none",
         metadata={"help": "'confidence': multiply the prompt at each position by the interim map's top "
@@ -102,8 +113,9 @@ class SPMConfig(MethodConfig):
 
     #: The value each field added after v2 takes in a checkpoint saved before it existed:
     #: the behaviour that checkpoint was trained with (see :meth:`MethodConfig.from_saved`).
-    SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {"prompt_boundaries": None, "decoder_taps": "prompted", "prompt_dropout": 0.0,
-                    "prompt_bound": 0.0, "gate": "none"}
+    SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {
+        "prompt_boundaries": None, "decoder_taps": "prompted", "prompt_dropout": 0.0, "prompt_bound": 0.0,
+        "gate": "none", "interim_targets": "nearest", "interim_class_balance": False}
 
     SAVED_BEFORE_HINT: ClassVar[str] = "method_cfg=promptmatch.SPMConfig.v2() for an SPM v2 checkpoint"
 
@@ -155,6 +167,9 @@ class SPMConfig(MethodConfig):
                 or not self.prompt_bound >= 0 or self.prompt_bound == float("inf")):
             raise ValueError(f"SPMConfig.prompt_bound must be a finite number >= 0 (0: unbounded), "
                              f"got {self.prompt_bound!r}")
+        if self.interim_targets not in ("nearest", "soft"):
+            raise ValueError(f"SPMConfig.interim_targets must be 'nearest' or 'soft', got {self.interim_targets!r}")
+        self._check_bool("interim_class_balance")
         if self.gate not in ("none", "confidence"):
             raise ValueError(f"SPMConfig.gate must be 'none' or 'confidence', got {self.gate!r}")
         if self.gate == "confidence" and not self.semantic_guidance:
@@ -245,6 +260,14 @@ class SemanticPromptMatcher(TuningMethod):
 
     def init_state(self) -> Dict[str, Any]:
         return {"interim": {}, "h": None, "taps": []}
+
+    @property
+    def interim_targets(self) -> str:  # type: ignore[override]
+        return self.config.interim_targets
+
+    @property
+    def interim_class_balance(self) -> bool:  # type: ignore[override]
+        return self.config.interim_class_balance
 
     def interim_weights(self) -> Dict[int, float]:
         if not self.config.semantic_guidance or self.config.interim_loss_weight == 0:
