@@ -10,6 +10,7 @@ from conftest import make_backbone, make_batch
 
 VARIANTS = {
     "default": {},
+    "v2": pm.SPMConfig.v2().to_dict(),
     "zero-gamma": {"zero_init": "gamma"},
     "native-resolution": {"matcher_stride": 0},
     "unscaled-prompt": {"prompt_scale": "none"},
@@ -20,6 +21,7 @@ VARIANTS = {
     "deepest-two": {"boundaries": (-2, -1)},
     # switches added in v3 (each alone; the v3 default combines some of them)
     "observe-early": {"prompt_boundaries": (-2, -1)},
+    "prompt-deepest-one": {"prompt_deepest": 1},
     "taps-before-prompt": {"decoder_taps": "before_prompt"},
     "prompt-dropout": {"prompt_dropout": 0.3},
     "prompt-bound": {"prompt_bound": 0.5},
@@ -28,7 +30,7 @@ VARIANTS = {
     "balanced-interim": {"interim_class_balance": True},
 }
 #: the switches added after v2, each with a value other than its v2 behaviour
-V3_SWITCHES = ("observe-early", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate",
+V3_SWITCHES = ("observe-early", "prompt-deepest-one", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate",
                "soft-interim", "balanced-interim")
 
 
@@ -61,7 +63,8 @@ def test_matcher_stride_pools_fine_boundaries():
     images, labels = make_batch(64, num_classes=3)
     grids, matcher_grids = {}, {}
     for stride in (8, 0):
-        model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, method_cfg={"matcher_stride": stride})
+        model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3,
+                                    method_cfg={"matcher_stride": stride, "prompt_deepest": 0})
         first = model.staged.stages[0]
         assert first.reduction == 4
         seen = []  # the grids the first boundary's matcher projections actually run on
@@ -107,6 +110,7 @@ def test_prompt_scale_follows_the_features():
     ({"gate": "entropy"}, "gate must be 'none' or 'confidence'"),
     ({"gate": "confidence", "semantic_guidance": False}, "semantic_guidance=False"),
     ({"prompt_boundaries": (1, 1)}, "prompt_boundaries has duplicates"),
+    ({"prompt_deepest": -1}, "prompt_deepest must be an int >= 0"),
     ({"interim_targets": "bilinear"}, "interim_targets must be 'nearest' or 'soft'"),
     ({"interim_class_balance": 1}, "interim_class_balance"),
 ])
@@ -183,7 +187,7 @@ def test_decoder_taps_read_before_the_prompt():
     """decoder_taps='before_prompt': the decoder reads each boundary before the last as the
     stage produced it, while the next stage gets the prompted features."""
     torch.manual_seed(0)
-    cfg = {"decoder_taps": "before_prompt", "matcher_stride": 0}
+    cfg = {"decoder_taps": "before_prompt", "matcher_stride": 0, "prompt_deepest": 0}
     model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=cfg).eval()
     seen = {}
     original = model.method.boundary

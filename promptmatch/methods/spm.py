@@ -35,7 +35,10 @@ __all__ = ["SPMConfig", "SemanticPromptMatcher", "ConvGRUCell"]
 
 @dataclass
 class SPMConfig(MethodConfig):
-    """Settings of the Semantic-aware Prompt Matcher; every ablation switch lives here."""
+    """Settings of the Semantic-aware Prompt Matcher; every ablation switch lives here.
+
+    The defaults are SPM v3 (:meth:`v3`); :meth:`v2` gives the earlier version's settings,
+    e.g. to load its prompt checkpoints."""
 
     hidden_dim: int = field(default=64, metadata={"help": "width d of the recurrent state and projections"})
     boundaries: Optional[Tuple[int, ...]] = field(
@@ -77,6 +80,12 @@ class SPMConfig(MethodConfig):
                           "leave the features as they are (no output projection, no backpropagation "
                           "through the frozen stages that follow them)"},
     )
+    prompt_deepest: int = field(
+        default=2,
+        metadata={"help": "only the N deepest matcher boundaries add their prompt, the others observe (0: "
+                          "every matcher boundary prompts); fits any number of stages; ignored when "
+                          "prompt_boundaries lists them"},
+    )
     decoder_taps: str = field(
         default="prompted",
         metadata={"help": "what a multi-level decoder reads at the boundaries before the last: 'prompted' "
@@ -95,13 +104,13 @@ class SPMConfig(MethodConfig):
                           "no prompt exceeds b times its position's feature scale (0: unbounded)"},
     )
     interim_targets: str = field(
-        default="nearest",
+        default="soft",
         metadata={"help": "how the labels supervise each (coarse) interim map: 'nearest' (the label at each "
                           "cell's nearest pixel, v2: objects smaller than a cell often vanish) or 'soft' (each "
                           "cell's class proportions: every labelled pixel counts)"},
     )
     interim_class_balance: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "weight the classes of the interim maps' loss by the inverse of their share of the "
                           "batch, so that a dominant class (background) cannot make the maps uninformative"},
     )
@@ -114,10 +123,19 @@ class SPMConfig(MethodConfig):
     #: The value each field added after v2 takes in a checkpoint saved before it existed:
     #: the behaviour that checkpoint was trained with (see :meth:`MethodConfig.from_saved`).
     SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {
-        "prompt_boundaries": None, "decoder_taps": "prompted", "prompt_dropout": 0.0, "prompt_bound": 0.0,
+        "prompt_boundaries": None, "prompt_deepest": 0, "decoder_taps": "prompted", "prompt_dropout": 0.0, "prompt_bound": 0.0,
         "gate": "none", "interim_targets": "nearest", "interim_class_balance": False}
 
     SAVED_BEFORE_HINT: ClassVar[str] = "method_cfg=promptmatch.SPMConfig.v2() for an SPM v2 checkpoint"
+
+    @classmethod
+    def v3(cls, **changes: Any) -> "SPMConfig":
+        """The settings of SPM v3 (today's defaults): matchers at every boundary, the two deepest
+        prompting and the earlier ones observing, interim maps supervised by class
+        proportions with balanced classes."""
+        base = dict(cls.v2().to_dict(), prompt_deepest=2, interim_targets="soft", interim_class_balance=True)
+        base.update(changes)
+        return cls(**base)
 
     @classmethod
     def v2(cls, **changes: Any) -> "SPMConfig":
@@ -159,6 +177,9 @@ class SPMConfig(MethodConfig):
             if len(set(pb)) != len(pb):
                 raise ValueError(f"SPMConfig.prompt_boundaries has duplicates: {pb}")
             self.prompt_boundaries = tuple(sorted(pb))
+        if not isinstance(self.prompt_deepest, int) or isinstance(self.prompt_deepest, bool) or self.prompt_deepest < 0:
+            raise ValueError(f"SPMConfig.prompt_deepest must be an int >= 0 (0: every matcher prompts), "
+                             f"got {self.prompt_deepest!r}")
         if self.decoder_taps not in ("prompted", "before_prompt"):
             raise ValueError(f"SPMConfig.decoder_taps must be 'prompted' or 'before_prompt', "
                              f"got {self.decoder_taps!r}")
@@ -217,7 +238,8 @@ class SemanticPromptMatcher(TuningMethod):
             raise ValueError(f"SPMConfig.boundaries {bad} out of range for a backbone with {n} stages")
         self.boundary_indices = tuple(sorted({b % n for b in bounds}))
         if config.prompt_boundaries is None:
-            self.prompt_indices = self.boundary_indices
+            self.prompt_indices = self.boundary_indices[-config.prompt_deepest:] if config.prompt_deepest \
+                else self.boundary_indices
         else:
             bad = [b for b in config.prompt_boundaries
                    if not -n <= b < n or b % n not in self.boundary_indices]

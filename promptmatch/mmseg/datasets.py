@@ -16,10 +16,11 @@ class OfflineSegDataset(BaseSegDataset):
     """One split of a promptmatch offline dataset, built (and checksum-verified) on first use.
 
     Args:
-        name: ``'texture_mosaic'``, ``'photo_collage'`` or ``'nuclei'``
-            (:func:`promptmatch.datasets.list_offline_datasets`).
-        split: ``'train'``, ``'val'`` or a shifted val split (``'val_colour'``,
-            ``'val_blur'``, ``'val_noise'``, ``'val_scale'``).
+        name: an offline dataset (:func:`promptmatch.datasets.list_offline_datasets`:
+            ``'texture_mosaic'``, ``'photo_collage'``, ``'nuclei'``, ``'clutter_objects'``, ...).
+        split: ``'train'``, ``'val'`` or a shifted val split ``'val_<shift>'``
+            (:data:`promptmatch.datasets.SPLITS`: colour, blur, noise, scale, jpeg, gamma,
+            defocus, motion).
         root: where datasets are cached (default ``$PROMPTMATCH_DATA`` or
             ``~/.cache/promptmatch/datasets``).
         **kwargs: the usual ``BaseSegDataset`` arguments (pipeline, ...).
