@@ -22,6 +22,8 @@ VARIANTS = {
     # switches added in v3 (each alone; the v3 default combines some of them)
     "observe-early": {"prompt_boundaries": (-2, -1)},
     "prompt-deepest-one": {"prompt_deepest": 1},
+    "observer-decoder-prompts": {"observer_decoder_prompts": True},
+    "observe-only": {"observer_decoder_prompts": False},
     "taps-before-prompt": {"decoder_taps": "before_prompt"},
     "prompt-dropout": {"prompt_dropout": 0.3},
     "prompt-bound": {"prompt_bound": 0.5},
@@ -30,7 +32,7 @@ VARIANTS = {
     "balanced-interim": {"interim_class_balance": True},
 }
 #: the switches added after v2, each with a value other than its v2 behaviour
-V3_SWITCHES = ("observe-early", "prompt-deepest-one", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate",
+V3_SWITCHES = ("observe-early", "prompt-deepest-one", "observer-decoder-prompts", "observe-only", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate",
                "soft-interim", "balanced-interim")
 
 
@@ -162,7 +164,7 @@ def test_observing_boundaries_add_nothing_and_cost_no_backbone_gradients():
     between it and the first prompting boundary run without autograd."""
     torch.manual_seed(0)
     model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel",
-                                method_cfg={"prompt_boundaries": (-1,)})
+                                method_cfg={"prompt_boundaries": (-1,), "observer_decoder_prompts": False})
     n = len(model.staged.stages)
     assert sorted(model.method.out_proj.keys()) == [str(n - 1)]
     images, labels = make_batch(64, num_classes=3)
@@ -306,3 +308,35 @@ def test_balanced_interim_loss_weighs_classes_equally():
     g = logits.grad[0]
     # total push towards each class over its own pixels is the same
     torch.testing.assert_close(-g[1, 0, 0], -g[0][labels[0] == 0].sum(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_observer_decoder_prompts_reach_the_decoder_only(backbone):
+    """observer_decoder_prompts: an observing boundary's prompt is in what the decoder reads
+    there, while the next stage computes on the unprompted features (so nothing before the
+    first prompting boundary needs autograd through the backbone)."""
+    torch.manual_seed(0)
+    model = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, "multilevel",
+                                method_cfg={"prompt_deepest": 2, "observer_decoder_prompts": True}).eval()
+    images, _ = make_batch(64, num_classes=3)
+    seen = {}
+    original = model.method.boundary
+
+    def spy(index, features, state):
+        seen[index] = features
+        return original(index, features, state)
+
+    model.method.boundary = spy
+    with torch.no_grad():
+        for p in model.method.out_proj.parameters():
+            p.normal_(0, 0.1)
+        frozen = model.staged.forward(images)
+        through_backbone, _ = model.prompted_features(images)
+        decoder_reads, _ = model.forward_features(images)
+    n = len(frozen)
+    for i in range(n - 2):  # observers: the backbone goes on unprompted, the decoder reads a prompt
+        torch.testing.assert_close(through_backbone[i], frozen[i], rtol=0, atol=0)
+        assert not torch.allclose(decoder_reads[i], frozen[i])
+    # the first prompting boundary sees what the frozen backbone computes: no prompt went in before it
+    torch.testing.assert_close(seen[n - 2], frozen[n - 2], rtol=0, atol=0)
+    assert not torch.allclose(decoder_reads[n - 2], frozen[n - 2])

@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import _parse_variant  # noqa: E402
+from latency import _parse_variant, write_result  # noqa: E402
 
 _logger = logging.getLogger("cost")
 
@@ -441,12 +441,7 @@ def main(argv=None) -> int:
         "promptmatch": pm.__version__, "decoders": decoders, "rows": rows, "skipped": skipped,
     }
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        write_result(args.out, result)
     return 0
 
 

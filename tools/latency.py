@@ -27,6 +27,16 @@ def _parse_variant(text: str):
     return name, (json.loads(cfg) if cfg else None), text
 
 
+def write_result(path, result) -> None:
+    """Write ``result`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="efficientnet_lite0", help="timm model name")
@@ -88,12 +98,7 @@ def main(argv=None) -> int:
     result = {"backbone": args.backbone, "weights": args.weights, "size": args.size, "rounds": args.rounds,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        write_result(args.out, result)
     return 0
 
 

@@ -86,6 +86,12 @@ class SPMConfig(MethodConfig):
                           "every matcher boundary prompts); fits any number of stages; ignored when "
                           "prompt_boundaries lists them"},
     )
+    observer_decoder_prompts: bool = field(
+        default=True,
+        metadata={"help": "an observing boundary also makes a prompt, added only to the features a "
+                          "multi-level decoder reads there, never to the next stage's input (so still no "
+                          "backpropagation through the frozen stages after it)"},
+    )
     decoder_taps: str = field(
         default="prompted",
         metadata={"help": "what a multi-level decoder reads at the boundaries before the last: 'prompted' "
@@ -123,7 +129,7 @@ class SPMConfig(MethodConfig):
     #: The value each field added after v2 takes in a checkpoint saved before it existed:
     #: the behaviour that checkpoint was trained with (see :meth:`MethodConfig.from_saved`).
     SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {
-        "prompt_boundaries": None, "prompt_deepest": 0, "decoder_taps": "prompted", "prompt_dropout": 0.0, "prompt_bound": 0.0,
+        "prompt_boundaries": None, "prompt_deepest": 0, "observer_decoder_prompts": False, "decoder_taps": "prompted", "prompt_dropout": 0.0, "prompt_bound": 0.0,
         "gate": "none", "interim_targets": "nearest", "interim_class_balance": False}
 
     SAVED_BEFORE_HINT: ClassVar[str] = "method_cfg=promptmatch.SPMConfig.v2() for an SPM v2 checkpoint"
@@ -131,9 +137,10 @@ class SPMConfig(MethodConfig):
     @classmethod
     def v3(cls, **changes: Any) -> "SPMConfig":
         """The settings of SPM v3 (today's defaults): matchers at every boundary, the two deepest
-        prompting and the earlier ones observing, interim maps supervised by class
-        proportions with balanced classes."""
-        base = dict(cls.v2().to_dict(), prompt_deepest=2, interim_targets="soft", interim_class_balance=True)
+        prompting the next stage and the earlier ones observing (their prompts go to the
+        decoder only), interim maps supervised by class proportions with balanced classes."""
+        base = dict(cls.v2().to_dict(), prompt_deepest=2, observer_decoder_prompts=True, interim_targets="soft",
+                    interim_class_balance=True)
         base.update(changes)
         return cls(**base)
 
@@ -183,6 +190,7 @@ class SPMConfig(MethodConfig):
         if self.decoder_taps not in ("prompted", "before_prompt"):
             raise ValueError(f"SPMConfig.decoder_taps must be 'prompted' or 'before_prompt', "
                              f"got {self.decoder_taps!r}")
+        self._check_bool("observer_decoder_prompts")
         self._check_dropout("prompt_dropout")
         if (not isinstance(self.prompt_bound, (int, float)) or isinstance(self.prompt_bound, bool)
                 or not self.prompt_bound >= 0 or self.prompt_bound == float("inf")):
@@ -258,7 +266,8 @@ class SemanticPromptMatcher(TuningMethod):
         for b in self.boundary_indices:
             c = self.stages[b].channels
             self.in_proj[str(b)] = nn.Conv2d(c, d, 1)
-            if b in self.prompt_indices:  # an observing boundary has no way back to the features
+            # an observing boundary has no way back to the features (unless it prompts the decoder)
+            if b in self.prompt_indices or config.observer_decoder_prompts:
                 self.out_proj[str(b)] = nn.Conv2d(d, c, 1)
                 if config.zero_init == "out_proj":
                     nn.init.zeros_(self.out_proj[str(b)].weight)
@@ -297,8 +306,9 @@ class SemanticPromptMatcher(TuningMethod):
         return {b: float(self.config.interim_loss_weight) for b in self.boundary_indices}
 
     def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
-        """With ``decoder_taps='before_prompt'``, each prompted boundary output before the last
-        stage is replaced by the features it was made from."""
+        """The boundary outputs as a decoder reads them: with ``decoder_taps='before_prompt'``
+        a prompted boundary before the last stage is read without its prompt; with
+        ``observer_decoder_prompts`` an observing boundary is read with its prompt."""
         taps = state.get("taps") or ()
         return [next((before for after, before in taps if after is f), f) for f in features]
 
@@ -337,6 +347,7 @@ class SemanticPromptMatcher(TuningMethod):
         else:
             h = h_prev
         prompts = key in self.out_proj
+        observing = index not in self.prompt_indices
         out = coarse
         logits = None
         prompt = None
@@ -350,7 +361,7 @@ class SemanticPromptMatcher(TuningMethod):
             h = self.cell(z, h)
             if prompts:
                 prompt = self._prompt(key, h, logits, scale)
-                if i + 1 < cfg.iterations:
+                if i + 1 < cfg.iterations and not observing:
                     out = coarse + prompt
         state["h"] = h
         if logits is not None:
@@ -359,6 +370,10 @@ class SemanticPromptMatcher(TuningMethod):
             return features
         if k > 1:
             prompt = F.interpolate(prompt, size=full_size, mode="bilinear", align_corners=False)
+        if observing:  # its prompt goes to the decoder only: the next stage gets the features as they are
+            if index != self._last_stage:
+                state.setdefault("taps", []).append((features, features + prompt))
+            return features
         out = features + prompt
         if cfg.decoder_taps == "before_prompt" and index != self._last_stage:
             state.setdefault("taps", []).append((out, features))
