@@ -1,7 +1,7 @@
 """Segmentation decoders that read the boundary features of a staged backbone."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,10 @@ class LinearDecoder(nn.Module):
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         return self.classifier(self.dropout(self.norm(features[-1])))
+
+    def stages_read(self, num_stages: int) -> Tuple[int, ...]:
+        """The stage indices whose features this decoder reads: the last one."""
+        return (num_stages - 1,)
 
 
 class MultiLevelDecoder(nn.Module):
@@ -61,6 +65,10 @@ class MultiLevelDecoder(nn.Module):
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             maps.append(y)
         return self.classifier(self.dropout(self.fuse(torch.cat(maps, 1))))
+
+    def stages_read(self, num_stages: int) -> Tuple[int, ...]:
+        """The stage indices whose features this decoder reads: all of them."""
+        return tuple(range(num_stages))
 
 
 DECODERS: Dict[str, Type[nn.Module]] = {"linear": LinearDecoder, "multilevel": MultiLevelDecoder}

@@ -62,6 +62,9 @@ class PromptSegmentor(PromptedCore, nn.Module):
             self.decoder_name = decoder
             self.decoder_cfg = dict(decoder_cfg or {})
             self.decode_head = build_decoder(decoder, self.staged.stages, num_classes, self.decoder_cfg)
+            reads = getattr(self.decode_head, "stages_read", None)
+            if reads is not None:  # e.g. SPM drops the decoder prompts of levels it never reads
+                self.method.decoder_reads(reads(len(self.staged.stages)))
 
         self._init_prompted(backbone, method, num_classes, method_cfg, stage_modules=stage_modules,
                             num_stages=num_stages, then=build_head)

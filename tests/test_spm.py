@@ -340,3 +340,15 @@ def test_observer_decoder_prompts_reach_the_decoder_only(backbone):
     # the first prompting boundary sees what the frozen backbone computes: no prompt went in before it
     torch.testing.assert_close(seen[n - 2], frozen[n - 2], rtol=0, atol=0)
     assert not torch.allclose(decoder_reads[n - 2], frozen[n - 2])
+
+
+@pytest.mark.parametrize("decoder, prompts_at", [("linear", [2, 3]), ("multilevel", [0, 1, 2, 3])])
+def test_observer_prompts_exist_only_where_a_decoder_reads_them(decoder, prompts_at):
+    """A linear decoder reads the last stage only: v3's observers then keep no output
+    projection, and every trainable parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, decoder)
+    assert sorted(int(k) for k in model.method.out_proj) == prompts_at
+    images, labels = make_batch(64, num_classes=3)
+    sum(model.loss(images, labels).values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -62,7 +62,8 @@ def build(method: str, cfg: Dict[str, Any], k: int, decoder: str, seed: int, cla
 
 @torch.no_grad()
 def prompt_sizes(model, x: torch.Tensor) -> Dict[int, float]:
-    """``||F' - F|| / ||F||`` per boundary on ``x`` (eval mode)."""
+    """``||F' - F|| / ||F||`` per boundary on ``x`` (eval mode); for an observer whose prompt
+    goes to the decoder only, the size of that prompt."""
     method = model.method
     if not hasattr(method, "out_proj"):
         return {}
@@ -70,9 +71,11 @@ def prompt_sizes(model, x: torch.Tensor) -> Dict[int, float]:
     original = method.boundary
 
     def spy(index, features, state):
+        n = len(state.get("taps", []))
         out = original(index, features, state)
-        if out is not features:
-            sizes.setdefault(index, []).append(float((out - features).norm() / features.norm().clamp_min(1e-12)))
+        seen = out if out is not features else next((d for f, d in state.get("taps", [])[n:] if f is features), None)
+        if seen is not None:
+            sizes.setdefault(index, []).append(float((seen - features).norm() / features.norm().clamp_min(1e-12)))
         return out
 
     model.eval()
@@ -110,8 +113,12 @@ def knockout_mious(model, x: torch.Tensor, y: torch.Tensor, k: int) -> Dict[str,
     original = method.boundary
     for b in sorted(int(i) for i in method.out_proj.keys()):
         def drop(index, features, state, b=b):
+            n = len(state.get("taps", []))
             o = original(index, features, state)
-            return features if index == b else o
+            if index != b:
+                return o
+            del state.get("taps", [])[n:]  # an observer's prompt for the decoder goes too
+            return features
         method.boundary = drop
         try:
             out[f"-b{b}"] = 100 * evaluate_segmentor(model, x, y, k)[0]

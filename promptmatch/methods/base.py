@@ -118,6 +118,9 @@ class TuningMethod(nn.Module):
     #: weight each class of an interim map's loss by the inverse of its share of the batch
     interim_class_balance: bool = False
 
+    def decoder_reads(self, stages: Sequence[int]) -> None:
+        """Told, once the head is built, which stages' features the decoder reads (default: ignored)."""
+
     def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
         """The features a decoder reads, given the boundary outputs of one pass (by default,
         those outputs themselves)."""

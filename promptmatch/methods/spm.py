@@ -305,6 +305,15 @@ class SemanticPromptMatcher(TuningMethod):
             return {}
         return {b: float(self.config.interim_loss_weight) for b in self.boundary_indices}
 
+    def decoder_reads(self, stages: Sequence[int]) -> None:
+        """An observer's prompt only serves the decoder: drop those at levels it never reads
+        (a linear decoder reads the last stage only), so that no parameter goes untrained."""
+        read = {int(s) % (self._last_stage + 1) for s in stages}
+        for b in self.boundary_indices:
+            if b not in self.prompt_indices and b not in read and str(b) in self.out_proj:
+                del self.out_proj[str(b)]
+                del self.gamma[str(b)]
+
     def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
         """The boundary outputs as a decoder reads them: with ``decoder_taps='before_prompt'``
         a prompted boundary before the last stage is read without its prompt; with

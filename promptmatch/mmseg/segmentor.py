@@ -139,6 +139,11 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
                             method_root=self.backbone.model if is_timm else None,
                             method_prefix="model." if is_timm else "", then=check_stage_count,
                             adopt_unfrozen=is_timm)
+        # mmseg backbones reshape and normalise a stage's output before handing it to the head, so
+        # the head does not read the tensor a matcher saw: prompts meant for the decoder alone
+        # (SPM's observers) could not reach it; they are left out and the method acts through
+        # the backbone only
+        self.method.decoder_reads(())
         staged = self.staged
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = int(getattr(self.decode_head, "ignore_index", 255))
