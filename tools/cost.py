@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import _parse_variant, write_result  # noqa: E402
+from latency import _parse_variant, resolve_weights, write_result  # noqa: E402
 
 _logger = logging.getLogger("cost")
 
@@ -64,18 +64,6 @@ def parse_variant(text: str) -> Tuple[str, Optional[dict], str]:
         name, cfg, _ = _parse_variant(rest)
         return name, cfg, head
     return _parse_variant(text)
-
-
-def resolve_weights(text: Optional[str]) -> Tuple[Optional[str], bool]:
-    """(weights path, weights_remap) of ``--weights`` as tools/latency.py reads it."""
-    import promptmatch as pm
-
-    if not text or text == "none":
-        return None, False
-    if text in pm.list_offline_weights():
-        _, path, remap = pm.offline_weights(text)
-        return str(path), remap
-    return text, False
 
 
 # ----------------------------------------------------------------------------- building / stepping

@@ -27,6 +27,19 @@ def _parse_variant(text: str):
     return name, (json.loads(cfg) if cfg else None), text
 
 
+def resolve_weights(text):
+    """``(weights path or None, weights_remap)`` of a ``--weights`` value: a packaged weights
+    name (``promptmatch.list_offline_weights()``), a local file, or ``none``/empty (random init)."""
+    import promptmatch as pm
+
+    if not text or text == "none":
+        return None, False
+    if text in pm.list_offline_weights():
+        _, path, remap = pm.offline_weights(text)
+        return str(path), remap
+    return text, False
+
+
 def write_result(path, result) -> None:
     """Write ``result`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
     out = Path(path)
@@ -62,13 +75,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    weights, remap = None, False
-    if args.weights and args.weights != "none":
-        if args.weights in pm.list_offline_weights():
-            _, path, remap = pm.offline_weights(args.weights)
-            weights = str(path)
-        else:
-            weights = args.weights
+    weights, remap = resolve_weights(args.weights)
     decoders = args.decoder or ["linear", "multilevel"]
     variants = [_parse_variant(v) for v in (args.variant or ["spm"])]
     bkw = json.loads(args.backbone_kwargs)

@@ -56,12 +56,6 @@ class MethodConfig:
         return {**{k: v for k, v in cls.SAVED_BEFORE.items() if k not in data}, **dict(data)}
 
     @classmethod
-    def from_saved(cls, data: Mapping[str, Any]) -> "MethodConfig":
-        """The config of a checkpoint: like :meth:`from_dict`, but fields the checkpoint
-        predates take their old behaviour, not today's default."""
-        return cls.from_dict(cls.with_saved_defaults(data))
-
-    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -146,7 +140,7 @@ def interim_losses(
         if w == 0:
             continue
         if not soft and not balance:
-            small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+            small = _nearest_labels(labels, logits.shape[-2:])
             if (small != ignore_index).any():
                 ce = F.cross_entropy(logits, small, ignore_index=ignore_index)
             else:
@@ -155,6 +149,13 @@ def interim_losses(
             ce = _soft_interim_ce(logits, labels, ignore_index, soft, balance)
         losses[f"{prefix}loss_interim_{idx}"] = w * ce
     return losses
+
+
+def _nearest_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The (N, H, W) labels resized to ``size`` by nearest neighbour."""
+    import torch.nn.functional as F
+
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def _grid_class_counts(labels: torch.Tensor, grid: Tuple[int, int], k: int, ignore_index: int) -> torch.Tensor:
@@ -183,7 +184,7 @@ def _soft_interim_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     if soft:
         target = _grid_class_counts(labels, tuple(logits.shape[-2:]), k, ignore_index).to(logits.dtype)
     else:
-        small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        small = _nearest_labels(labels, logits.shape[-2:])
         keep = (small != ignore_index) & (small >= 0) & (small < k)
         target = F.one_hot(small.clamp(0, k - 1), k).permute(0, 3, 1, 2).to(logits.dtype) * keep[:, None]
     mass = target.sum(dim=(0, 2, 3))  # per class, over the batch

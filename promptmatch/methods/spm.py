@@ -127,7 +127,7 @@ class SPMConfig(MethodConfig):
     )
 
     #: The value each field added after v2 takes in a checkpoint saved before it existed:
-    #: the behaviour that checkpoint was trained with (see :meth:`MethodConfig.from_saved`).
+    #: the behaviour that checkpoint was trained with (see :meth:`MethodConfig.with_saved_defaults`).
     SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {
         "prompt_boundaries": None, "prompt_deepest": 0, "observer_decoder_prompts": False, "decoder_taps": "prompted", "prompt_dropout": 0.0, "prompt_bound": 0.0,
         "gate": "none", "interim_targets": "nearest", "interim_class_balance": False}
@@ -318,8 +318,8 @@ class SemanticPromptMatcher(TuningMethod):
         """The boundary outputs as a decoder reads them: with ``decoder_taps='before_prompt'``
         a prompted boundary before the last stage is read without its prompt; with
         ``observer_decoder_prompts`` an observing boundary is read with its prompt."""
-        taps = state.get("taps") or ()
-        return [next((before for after, before in taps if after is f), f) for f in features]
+        taps = state.get("taps") or ()  # (tensor the boundary returned, tensor the decoder reads instead)
+        return [next((read for returned, read in taps if returned is f), f) for f in features]
 
     def _prompt(self, key: str, h: torch.Tensor, logits: Optional[torch.Tensor], scale: torch.Tensor
                 ) -> torch.Tensor:
