@@ -16,7 +16,17 @@ from .checkpoint import (
 )
 from .core import PromptCheckpointable
 from .divergence import DivergenceError, DivergenceGuard, NonFiniteError
-from .decoders import LinearDecoder, MultiLevelDecoder, list_decoders
+from .decoders import (
+    DecoderConfig,
+    LinearDecoder,
+    LinearDecoderConfig,
+    MultiLevelDecoder,
+    MultiLevelDecoderConfig,
+    build_decoder,
+    get_decoder,
+    list_decoders,
+    register_decoder,
+)
 from .methods import (
     AdaptFormerConfig,
     BitFitConfig,
@@ -32,12 +42,13 @@ from .methods import (
     get_method,
     list_methods,
     register_method,
+    unregister_method,
 )
 from .export import ExportError, ExportReport, export_onnx
 from .inference import segment_logits
 from .merged import MergedChecksumError, MergedSegmentorError, load_segmentor, read_segmentor_metadata, save_segmentor
 from .predict import IMAGENET_MEAN, IMAGENET_STD, SizeRule, predict, size_rule
-from .report import ParameterReport, parameter_report
+from .params import ParameterReport, parameter_report
 from .segmentor import PromptSegmentor, create_segmentor
 from .staging import Stage, StagedBackbone, stage_backbone
 from .version import __version__
@@ -74,11 +85,18 @@ __all__ = [
     "MethodNotApplicableError",
     "TuningMethod",
     "register_method",
+    "unregister_method",
     "get_method",
     "list_methods",
     "LinearDecoder",
     "MultiLevelDecoder",
     "list_decoders",
+    "register_decoder",
+    "get_decoder",
+    "build_decoder",
+    "DecoderConfig",
+    "LinearDecoderConfig",
+    "MultiLevelDecoderConfig",
     "Stage",
     "StagedBackbone",
     "stage_backbone",

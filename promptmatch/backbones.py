@@ -143,7 +143,7 @@ def create_backbone(
 
 def _load_remapped(model: nn.Module, file: str) -> None:
     """Load a checkpoint whose keys differ from the model's, matching tensors by order."""
-    from .checkpoint import read_state_dict
+    from .records import read_state_dict
 
     state = read_state_dict(file)
     own = model.state_dict()

@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .divergence import NonFiniteError, non_finite_tensors
+from .core import PromptCheckpointable, trainable_backbone_keys, trainable_state_dict
+from .records import (
+    PROMPT_METADATA_KEY,
+    SEGMENTOR_METADATA_KEY,
+    PathLike,
+    atomic_write_bytes,
+    check_suffix,
+    load_checked_tensors,
+    read_metadata,
+    read_state_dict,
+    refuse_non_finite,
+    tensor_checksum,
+    write_record,
+)
 from .version import __version__
 
 __all__ = [
@@ -31,14 +40,16 @@ __all__ = [
     "read_prompt_metadata",
     "read_prompt_tensors",
     "backbone_fingerprint",
+    "backbone_architecture",
+    "describe_model",
+    "identity_differences",
+    "trainable_state_dict",
     "read_state_dict",
     "atomic_write_bytes",
     "FORMAT_VERSION",
 ]
 
 FORMAT_VERSION = 1
-_META_KEY = "promptmatch"
-PathLike = Union[str, os.PathLike]
 
 
 class PromptMismatchError(ValueError):
@@ -49,82 +60,10 @@ class PromptChecksumError(PromptMismatchError):
     """A prompt checkpoint's tensor data differs from what was written (a damaged or altered file)."""
 
 
-def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-_PID_IN_TMP = re.compile(r"\.pid(\d+)\.")
-_STALE_AFTER_S = 3600.0
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files that an earlier, killed write of ``path`` left behind: those of a
-    process that no longer runs on this machine, or older than an hour."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        m = _PID_IN_TMP.search(tmp.name[len(path.name) + 1:])
-        stale = False
-        if m is not None:
-            try:
-                os.kill(int(m.group(1)), 0)
-            except ProcessLookupError:
-                stale = True
-            except (PermissionError, OverflowError, OSError):
-                pass
-        try:
-            stale = stale or time.time() - tmp.stat().st_mtime > _STALE_AFTER_S
-            if stale:
-                tmp.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
-
-    Temporary files left by an earlier write that was killed are removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _backbone_trains_buffers(model: nn.Module) -> bool:
-    """Whether the backbone's buffers (BatchNorm statistics) are trained, i.e. it is not frozen."""
-    staged = getattr(model, "staged", None)
-    return staged is not None and not staged.frozen
-
-
-def _trainable_backbone_keys(model: nn.Module) -> set:
-    backbone = model.backbone
-    keys = {n for n, p in backbone.named_parameters() if p.requires_grad}
-    if _backbone_trains_buffers(model):
-        keys |= {n for n, _ in backbone.named_buffers()}
-    return keys
-
-
 def _frozen_backbone_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     if not hasattr(model, "backbone"):
         return dict(model.state_dict())
-    trainable = _trainable_backbone_keys(model)
+    trainable = trainable_backbone_keys(model)
     return {k: v for k, v in model.backbone.state_dict().items() if k not in trainable}
 
 
@@ -162,18 +101,6 @@ def backbone_architecture(backbone: nn.Module) -> str:
     return f"{type(backbone).__module__}.{type(backbone).__qualname__}"
 
 
-def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Every state_dict entry of ``model`` except the frozen weights of ``model.backbone``.
-
-    Trainable backbone parameters (and, for a backbone that is not frozen, its buffers) are
-    included: a prompt checkpoint of full fine-tuning holds the whole backbone.
-    """
-    trainable_backbone = {f"backbone.{n}" for n in _trainable_backbone_keys(model)}
-    return {
-        k: v for k, v in model.state_dict().items() if not k.startswith("backbone.") or k in trainable_backbone
-    }
-
-
 def describe_model(
     model: nn.Module,
     *,
@@ -204,8 +131,6 @@ def describe_model(
 
 
 def _metadata(model: nn.Module, extra: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    from .core import PromptCheckpointable
-
     if not isinstance(model, PromptCheckpointable):
         raise TypeError(f"save_prompts needs a prompted model (PromptSegmentor, PromptEncoderDecoder: "
                         f"see promptmatch.core.PromptCheckpointable), got {type(model).__name__}")
@@ -217,10 +142,7 @@ def _metadata(model: nn.Module, extra: Optional[Mapping[str, Any]]) -> Dict[str,
 
 
 def _normalise_path(path: PathLike) -> Path:
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"prompt checkpoints are .safetensors files; got {str(path)!r}")
-    return path
+    return check_suffix(path, "prompt checkpoints")
 
 
 def save_prompts(model: nn.Module, path: PathLike, extra: Optional[Mapping[str, Any]] = None) -> Path:
@@ -231,42 +153,24 @@ def save_prompts(model: nn.Module, path: PathLike, extra: Optional[Mapping[str, 
     untouched) if a tensor holds NaN or infinite values: a diverged model never replaces
     a good checkpoint.
     """
-    from safetensors.torch import save as st_save
-
     path = _normalise_path(path)
     meta = _metadata(model, extra)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.trainable_state_dict().items()}
-    bad = non_finite_tensors(tensors)
-    if bad:
-        raise NonFiniteError(
-            f"not writing prompt checkpoint {str(path)!r}: {len(bad)} tensor(s) hold NaN or infinite values "
-            f"({', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}); training has diverged. "
-            + ("The existing file was left as it was." if path.exists() else "Nothing was written.")
-        )
+    refuse_non_finite(tensors, path, "prompt checkpoint", "; training has diverged")
     meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
     meta["tensor_sha256"] = tensor_checksum(tensors)
-    blob = st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-    atomic_write_bytes(path, blob)
-    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_record(path, tensors, PROMPT_METADATA_KEY, meta)
     return path
 
 
 def read_prompt_metadata(path: PathLike) -> Dict[str, Any]:
     """The JSON record stored in a prompt checkpoint."""
-    from safetensors import safe_open
-
     path = _normalise_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            all_meta = f.metadata() or {}
-            raw = all_meta.get(_META_KEY)
-    except Exception as e:
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+    all_meta = read_metadata(path, "prompt checkpoint")
+    raw = all_meta.get(PROMPT_METADATA_KEY)
     if raw is None:
         hint = (": it is a merged segmentor (backbone + prompts); load it with promptmatch.load_segmentor(path)"
-                if "promptmatch_segmentor" in all_meta else "")
+                if SEGMENTOR_METADATA_KEY in all_meta else "")
         raise PromptMismatchError(f"{str(path)!r} is a safetensors file but not a promptmatch prompt checkpoint"
                                   + hint)
     meta = json.loads(raw)
@@ -282,22 +186,15 @@ def read_prompt_tensors(path: PathLike, meta: Optional[Mapping[str, Any]] = None
     """The tensors of a prompt checkpoint, checked against the checksum stored when it was
     written (:class:`PromptChecksumError` if they differ; files without one are not checked).
     ``meta``: the file's record, if already read."""
-    from safetensors.torch import load_file
-
     path = _normalise_path(path)
     want = (meta if meta is not None else read_prompt_metadata(path)).get("tensor_sha256")
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise PromptChecksumError(f"prompt checkpoint {str(path)!r} is damaged: its tensors cannot be read ({e})") from None
-    if want is not None and tensor_checksum(tensors) != want:
-        raise PromptChecksumError(
-            f"prompt checkpoint {str(path)!r} is damaged or was altered: its tensor data does not match the "
-            "checksum written with it. Nothing was loaded; restore the file from a copy or train it again.")
-    return tensors
+    return load_checked_tensors(path, want, error=PromptChecksumError, kind="prompt checkpoint",
+                                remedy="train it again")
 
 
-def _differences(want: Mapping[str, Any], got: Mapping[str, Any]) -> List[str]:
+def identity_differences(want: Mapping[str, Any], got: Mapping[str, Any]) -> List[str]:
+    """How a stored identity record ``got`` differs from a model's ``want`` (its ``describe()``):
+    one line per field (backbone, classes, method and its config, decoder), empty if they agree."""
     diffs = []
     wb, gb = want["backbone"], got.get("backbone", {})
     for field in ("architecture", "fingerprint", "stage_modules"):
@@ -342,7 +239,7 @@ def load_prompts(model: nn.Module, path: PathLike) -> Dict[str, Any]:
     is left untouched. Returns the checkpoint's metadata.
     """
     meta = read_prompt_metadata(path)
-    diffs = _differences(model.describe(), meta)
+    diffs = identity_differences(model.describe(), meta)
     if diffs:
         raise PromptMismatchError(
             f"prompt checkpoint {str(path)!r} does not match this model:\n  - " + "\n  - ".join(diffs)
@@ -368,21 +265,3 @@ def load_prompts(model: nn.Module, path: PathLike) -> Dict[str, Any]:
     result = model.load_state_dict(tensors, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     return meta
-
-
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a weights file (``.safetensors`` or a ``torch.save`` file) without unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} does not hold a state dict")
-    return state

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, \
-    runtime_checkable
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, \
+    Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from .methods import MethodConfig, TuningMethod, build_method, get_method
 from .staging import StagedBackbone, stage_backbone
 
-__all__ = ["PromptCheckpointable", "PromptedCore"]
+__all__ = ["PromptCheckpointable", "PromptedCore", "trainable_state_dict", "trainable_backbone_keys"]
 
 
 @runtime_checkable
@@ -36,6 +36,34 @@ class PromptCheckpointable(Protocol):
     def describe(self) -> Dict[str, Any]: ...
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]: ...
+
+
+def _backbone_trains_buffers(model: nn.Module) -> bool:
+    """Whether the backbone's buffers (BatchNorm statistics) are trained, i.e. it is not frozen."""
+    staged = getattr(model, "staged", None)
+    return staged is not None and not staged.frozen
+
+
+def trainable_backbone_keys(model: nn.Module) -> Set[str]:
+    """The state_dict keys of ``model.backbone`` that train: parameters with ``requires_grad``
+    and, for a backbone that is not frozen, its buffers."""
+    backbone = model.backbone
+    keys = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    if _backbone_trains_buffers(model):
+        keys |= {n for n, _ in backbone.named_buffers()}
+    return keys
+
+
+def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every state_dict entry of ``model`` except the frozen weights of ``model.backbone``.
+
+    Trainable backbone parameters (and, for a backbone that is not frozen, its buffers) are
+    included: a prompt checkpoint of full fine-tuning holds the whole backbone.
+    """
+    trainable_backbone = {f"backbone.{n}" for n in trainable_backbone_keys(model)}
+    return {
+        k: v for k, v in model.state_dict().items() if not k.startswith("backbone.") or k in trainable_backbone
+    }
 
 
 class PromptedCore:
@@ -145,8 +173,6 @@ class PromptedCore:
     # ------------------------------------------------------- trainable parts
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         """What a prompt checkpoint holds: every entry of the state_dict except frozen backbone weights."""
-        from .checkpoint import trainable_state_dict
-
         return trainable_state_dict(self)  # type: ignore[arg-type]
 
     def trainable_parameters(self) -> List[nn.Parameter]:

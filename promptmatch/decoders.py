@@ -1,7 +1,13 @@
-"""Segmentation decoders that read the boundary features of a staged backbone."""
+"""Segmentation decoders that read the boundary features of a staged backbone, registered by name.
+
+Each decoder is an ``nn.Module`` class built as ``cls(stages, num_classes, **config fields)``,
+with a dataclass config (its ``config_class``) and a name given by :func:`register_decoder`;
+:func:`build_decoder` builds one from a name or a config. See docs/api.md, "Adding a decoder".
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+import dataclasses
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -9,9 +15,91 @@ from torch import nn
 
 from .staging import Stage
 
-__all__ = ["LinearDecoder", "MultiLevelDecoder", "build_decoder", "list_decoders", "DECODERS"]
+__all__ = [
+    "DecoderConfig",
+    "LinearDecoderConfig",
+    "MultiLevelDecoderConfig",
+    "LinearDecoder",
+    "MultiLevelDecoder",
+    "register_decoder",
+    "get_decoder",
+    "list_decoders",
+    "build_decoder",
+    "decoder_config",
+    "DECODERS",
+]
 
 
+@dataclasses.dataclass
+class DecoderConfig:
+    """Base class of decoder configs: plain, JSON-serialisable dataclasses whose fields are the
+    decoder's keyword arguments."""
+
+    #: the registered name of the decoder this config builds (set by :func:`register_decoder`)
+    decoder_name = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DecoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields: {sorted(names)}")
+        return cls(**dict(data))
+
+
+@dataclasses.dataclass
+class LinearDecoderConfig(DecoderConfig):
+    """Config of :class:`LinearDecoder`."""
+
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout2d before the classifier"})
+
+
+@dataclasses.dataclass
+class MultiLevelDecoderConfig(DecoderConfig):
+    """Config of :class:`MultiLevelDecoder`."""
+
+    embed_dim: int = dataclasses.field(default=128, metadata={"help": "channels every stage is projected to"})
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout2d before the classifier"})
+
+
+#: registered decoders, name -> class
+DECODERS: Dict[str, Type[nn.Module]] = {}
+
+_D = TypeVar("_D", bound=Type[nn.Module])
+
+
+def register_decoder(name: str) -> Callable[[_D], _D]:
+    """Class decorator: make a decoder selectable by ``name``.
+
+    The class is built as ``cls(stages, num_classes, **config.to_dict())`` and names its
+    config dataclass (a :class:`DecoderConfig` subclass whose fields are its keyword
+    arguments) in the class attribute ``config_class``. It may define
+    ``stages_read(num_stages)``: the indices of the stages whose features it reads.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a decoder needs a non-empty name, got {name!r}")
+
+    def add(cls: _D) -> _D:
+        config_class = getattr(cls, "config_class", None)
+        if not (isinstance(config_class, type) and issubclass(config_class, DecoderConfig)
+                and dataclasses.is_dataclass(config_class)):
+            raise TypeError(f"decoder {cls.__name__} needs a `config_class`: a DecoderConfig dataclass")
+        if name in DECODERS and DECODERS[name] is not cls:
+            raise ValueError(f"a decoder named {name!r} is already registered ({DECODERS[name].__name__})")
+        if config_class.decoder_name and config_class.decoder_name != name:
+            raise ValueError(f"{config_class.__name__} already configures the decoder {config_class.decoder_name!r}")
+        config_class.decoder_name = name
+        DECODERS[name] = cls
+        return cls
+
+    return add
+
+
+@register_decoder("linear")
 class LinearDecoder(nn.Module):
     """The linear decoder of the benchmarking protocol: one linear map on the last features.
 
@@ -19,6 +107,8 @@ class LinearDecoder(nn.Module):
     scale (ViT block outputs have channels of very different magnitude); it folds into the
     linear layer at inference.
     """
+
+    config_class = LinearDecoderConfig
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -35,9 +125,12 @@ class LinearDecoder(nn.Module):
         return (num_stages - 1,)
 
 
+@register_decoder("multilevel")
 class MultiLevelDecoder(nn.Module):
     """A light multi-level head: every stage projected to ``embed_dim``, brought to the finest
     stage's grid, concatenated, fused and classified (in the spirit of SegFormer's head)."""
+
+    config_class = MultiLevelDecoderConfig
 
     def __init__(
         self, stages: Sequence[Stage], num_classes: int, embed_dim: int = 128, dropout: float = 0.0
@@ -71,19 +164,55 @@ class MultiLevelDecoder(nn.Module):
         return tuple(range(num_stages))
 
 
-DECODERS: Dict[str, Type[nn.Module]] = {"linear": LinearDecoder, "multilevel": MultiLevelDecoder}
-
-
 def list_decoders() -> List[str]:
+    """The names of the registered decoders, sorted."""
     return sorted(DECODERS)
 
 
-def build_decoder(
-    name: str, stages: Sequence[Stage], num_classes: int, config: Optional[Mapping[str, Any]] = None
-) -> nn.Module:
+def get_decoder(name: str) -> Type[nn.Module]:
+    """The decoder class registered as ``name``."""
     if name not in DECODERS:
         raise ValueError(f"unknown decoder {name!r}; available decoders: {list_decoders()}")
+    return DECODERS[name]
+
+
+def decoder_config(name: str, config: Optional[Union[DecoderConfig, Mapping[str, Any]]] = None) -> DecoderConfig:
+    """The config of decoder ``name``: ``config`` checked (a dataclass of the decoder's
+    ``config_class`` or a dict of its fields), or the defaults. ``ValueError`` for a field the
+    decoder does not take or a config of another decoder."""
+    cls = get_decoder(name)
+    if config is None:
+        return cls.config_class()
+    if isinstance(config, DecoderConfig):
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"bad decoder_cfg for {name!r}: it takes a {cls.config_class.__name__}, "
+                             f"got {type(config).__name__}")
+        return config
+    # a dataclass rejects unknown or ill-typed keyword arguments with TypeError
     try:
-        return DECODERS[name](stages, num_classes, **dict(config or {}))
+        return cls.config_class.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad decoder_cfg for {name!r}: {e}") from None
+
+
+def build_decoder(
+    name: Union[str, DecoderConfig],
+    stages: Sequence[Stage],
+    num_classes: int,
+    config: Optional[Union[DecoderConfig, Mapping[str, Any]]] = None,
+) -> nn.Module:
+    """Build a registered decoder reading ``stages``, for ``num_classes`` classes.
+
+    ``name``: the decoder's name, or its config dataclass (then ``config`` must be None).
+    ``config``: its config dataclass or a dict of the config's fields (default: the defaults).
+    """
+    if isinstance(name, DecoderConfig):
+        if config is not None:
+            raise TypeError("build_decoder takes a config either as its first argument or as config=, not both")
+        name, config = type(name).decoder_name, name
+    cfg = decoder_config(name, config)
+    # the decoder's own argument checks raise TypeError for values of the wrong kind
+    try:
+        return DECODERS[name](stages, num_classes, **cfg.to_dict())
     except TypeError as e:
         raise ValueError(f"bad decoder_cfg for {name!r}: {e}") from None

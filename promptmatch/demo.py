@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 import promptmatch as pm
 from promptmatch import datasets as pmdata
+from promptmatch.constants import IMAGENET_MEAN, IMAGENET_STD
 from promptmatch.training import evaluate_segmentor, train_segmentor
 
 _logger = logging.getLogger("promptmatch.demo")
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def efficientnet_lite0_weights() -> str:

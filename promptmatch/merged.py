@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -26,15 +25,18 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
-from .checkpoint import (
-    PromptChecksumError,
-    PromptMismatchError,
-    _differences,
-    atomic_write_bytes,
-    backbone_architecture,
+from .checkpoint import PromptChecksumError, PromptMismatchError, backbone_architecture, identity_differences
+from .records import (
+    PROMPT_METADATA_KEY,
+    SEGMENTOR_METADATA_KEY,
+    PathLike,
+    check_suffix,
+    load_checked_tensors,
+    read_metadata,
+    refuse_non_finite,
     tensor_checksum,
+    write_record,
 )
-from .divergence import NonFiniteError, non_finite_tensors
 from .version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,14 +54,9 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 MERGED_FORMAT_VERSION = 1
-#: safetensors metadata key of a merged artefact (prompt checkpoints use ``promptmatch``)
-_MERGED_KEY = "promptmatch_segmentor"
-_PROMPT_KEY = "promptmatch"
 _FORMAT_NAME = "promptmatch-merged-segmentor"
 #: attribute a backbone may carry with the keyword arguments it was created with
 _KWARGS_ATTR = "_promptmatch_backbone_kwargs"
-
-PathLike = Union[str, os.PathLike]
 
 
 class MergedSegmentorError(PromptMismatchError):
@@ -72,10 +69,7 @@ class MergedChecksumError(MergedSegmentorError, PromptChecksumError):
 
 # --------------------------------------------------------------------------- helpers
 def _check_path(path: PathLike) -> Path:
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"merged segmentor files are .safetensors files; got {str(path)!r}")
-    return path
+    return check_suffix(path, "merged segmentor files")
 
 
 def _jsonable(value: Any) -> bool:
@@ -255,8 +249,6 @@ def save_segmentor(
     :class:`~promptmatch.NonFiniteError` for one holding NaN/inf; nothing is written then.
     Returns the path.
     """
-    from safetensors.torch import save as st_save
-
     from .segmentor import PromptSegmentor
 
     t0 = time.perf_counter()
@@ -277,12 +269,7 @@ def save_segmentor(
 
     identity = model.describe()
     tensors = _cpu_tensors(model)
-    bad = non_finite_tensors(tensors)
-    if bad:
-        raise NonFiniteError(
-            f"not writing merged segmentor {str(path)!r}: {len(bad)} tensor(s) hold NaN or infinite values "
-            f"({', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}). "
-            + ("The existing file was left as it was." if path.exists() else "Nothing was written."))
+    refuse_non_finite(tensors, path, "merged segmentor")
     prompt_keys = sorted(model.trainable_state_dict())
     meta: Dict[str, Any] = {
         "format": _FORMAT_NAME,
@@ -337,13 +324,9 @@ def save_segmentor(
                 f"{backbone_kwargs} does not match this model, so the file could not be loaded back. Pass "
                 "save_segmentor(..., backbone_kwargs=...) with the keyword arguments the backbone was "
                 "created with (depth, embed_dim, img_size, ...):\n  - " + "\n  - ".join(diffs))
-    record = json.dumps(meta, sort_keys=True)
-    blob = st_save(tensors, metadata={_MERGED_KEY: record})
-    atomic_write_bytes(path, blob)
-    if write_json:
-        atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    size = write_record(path, tensors, SEGMENTOR_METADATA_KEY, meta, write_json=write_json)
     _logger.info("wrote merged segmentor %s (%s, %s, %d tensors, %.1f MB) in %.2fs", path, timm_name,
-                 identity["method"], len(tensors), len(blob) / 2**20, time.perf_counter() - t0)
+                 identity["method"], len(tensors), size / 2**20, time.perf_counter() - t0)
     return path
 
 
@@ -354,21 +337,13 @@ def read_segmentor_metadata(path: PathLike) -> Dict[str, Any]:
     Raises :class:`MergedSegmentorError` for a prompt checkpoint (trainable weights only) or
     any other safetensors file, and for a format newer than this promptmatch reads.
     """
-    from safetensors import safe_open
-
     path = _check_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"merged segmentor file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
-    raw = metadata.get(_MERGED_KEY)
+    metadata = read_metadata(path, "merged segmentor file")
+    raw = metadata.get(SEGMENTOR_METADATA_KEY)
     if raw is None:
-        if _PROMPT_KEY in metadata:
+        if PROMPT_METADATA_KEY in metadata:
             try:
-                rec = json.loads(metadata[_PROMPT_KEY])
+                rec = json.loads(metadata[PROMPT_METADATA_KEY])
                 hint = (f" (method {rec.get('method')!r}, backbone {rec.get('backbone', {}).get('architecture')!r}, "
                         f"{rec.get('num_classes')} classes)")
             except (ValueError, AttributeError):
@@ -403,20 +378,11 @@ def load_segmentor(path: PathLike, device: Union[str, torch.device] = "cpu") -> 
     (backbone fingerprint, method, decoder, classes) is checked against the record. On any
     failure nothing is returned. The model is returned on ``device`` in eval mode.
     """
-    from safetensors.torch import load_file
-
     t0 = time.perf_counter()
     path = _check_path(path)
     meta = read_segmentor_metadata(path)
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise MergedChecksumError(f"merged segmentor {str(path)!r} is damaged: its tensors cannot be read ({e})") from None
-    want = meta.get("tensor_sha256")
-    if want is None or tensor_checksum(tensors) != want:
-        raise MergedChecksumError(
-            f"merged segmentor {str(path)!r} is damaged or was altered: its tensor data does not match the "
-            "checksum written with it. Nothing was loaded; restore the file from a copy or write it again.")
+    tensors = load_checked_tensors(path, meta.get("tensor_sha256"), error=MergedChecksumError,
+                                   kind="merged segmentor", remedy="write it again", require_checksum=True)
     recorded = meta.get("tensors") or {}
     listed = {k: tuple(v) for k, v in recorded.items()}
     actual = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -448,7 +414,7 @@ def load_segmentor(path: PathLike, device: Union[str, torch.device] = "cpu") -> 
     seg.load_state_dict(tensors, strict=True)
     identity = meta.get("identity")
     if identity is not None:
-        idiffs = _differences(seg.describe(), identity)
+        idiffs = identity_differences(seg.describe(), identity)
         if idiffs:
             raise MergedSegmentorError(
                 f"merged segmentor {str(path)!r}: the loaded model's identity differs from its record; nothing "

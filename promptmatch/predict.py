@@ -21,19 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD
 from .inference import Size2, _pair, check_amp, segment_logits
 from .staging import StagedBackbone
 
 __all__ = ["predict", "size_rule", "SizeRule", "list_images", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES"]
 
 _logger = logging.getLogger(__name__)
-
-#: ImageNet channel statistics (RGB, on the 0..1 scale); the benchmark and demo normalise with them.
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-#: File-name endings (compared case-insensitively) of the files a folder input yields.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
 
 #: ``progress=None`` shows a bar for a folder input or for more images than this.
 _AUTO_PROGRESS_MIN = 4

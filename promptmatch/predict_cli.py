@@ -13,7 +13,6 @@ prompts in one file). For each image ``NAME.ext`` it writes ``NAME_mask.png`` an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -61,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from PIL import Image
 
     import promptmatch as pm
-    from promptmatch.visualize import blend, colorize, find_images, make_palette, output_stems
+    from promptmatch.visualize import find_images, make_palette, output_stems, write_mask_and_overlay, write_palette
 
     if not Path(args.segmentor).is_file():
         raise SystemExit(f"error: segmentor file {args.segmentor!r} does not exist")
@@ -76,8 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     palette = make_palette(k, {})
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "palette.json").write_text(json.dumps({str(n): [int(c) for c in palette[i]]
-                                                      for i, n in enumerate(names)}, indent=1) + "\n")
+    write_palette(out_dir, names, palette)
     try:
         preds = pm.predict(model, [str(p) for p in images], mode=args.mode, crop=args.crop, stride=args.stride,
                            flip=args.flip, amp=args.amp)
@@ -85,10 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"error: {e}") from None
     for path, stem, labels in zip(images, output_stems(images), preds):
         labels = labels.cpu().numpy()
-        mask = colorize(labels, palette)
         rgb = np.asarray(Image.open(path).convert("RGB"))
-        Image.fromarray(mask).save(out_dir / f"{stem}_mask.png")
-        Image.fromarray(blend(rgb, mask, args.opacity)).save(out_dir / f"{stem}_overlay.png")
+        write_mask_and_overlay(out_dir, stem, labels, rgb, palette, args.opacity)
         _logger.info("%s: %s", path.name, ", ".join(names[i] for i in np.unique(labels)))
     print(f"segmented {len(images)} image(s) with {args.segmentor}; masks and overlays in {out_dir}")
     return 0

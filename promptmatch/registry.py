@@ -3,37 +3,33 @@
 A config ``type='promptmatch.Name'`` makes mmengine import this module, which creates the
 child registries; their ``locations`` import :mod:`promptmatch.mmseg`, which registers the
 components. So configs need no ``custom_imports`` line. Importing this module imports mmseg;
-without the mmseg stack it raises the ImportError of :mod:`promptmatch.mmseg` that names the
+without the mmseg stack it raises the ImportError of :mod:`promptmatch.stack` that names the
 set-up command, and logs it too when mmengine is the importer (mmengine swallows ImportErrors
 of ``<scope>.registry`` and would otherwise only say that the type is not registered).
 """
+import logging
+import sys
+
+from .stack import first_report, mmseg_stack_error
 
 
 def _stack_missing(missing: ImportError) -> ImportError:
-    """The ImportError of :mod:`promptmatch.mmseg` (it names the set-up command), logged
-    through mmengine once per process when mmengine is importing this module."""
-    import logging
-    import sys
-
-    import promptmatch
-
-    try:
-        import promptmatch.mmseg  # noqa: F401  its first lines check the stack
+    """The ImportError that names the set-up command (``missing`` itself if the stack imports),
+    logged through mmengine once per process when mmengine is importing this module."""
+    stack_error = mmseg_stack_error()
+    if stack_error is None:
         return missing
-    except ImportError as e:
-        if "tools/setup_env.sh --mmseg" not in str(e):
-            return missing
-        error = ImportError(str(e), name=missing.name)
+    error = ImportError(str(stack_error), name=missing.name)
     frame = sys._getframe(1)
     while frame is not None and not frame.f_globals.get("__name__", "").startswith("mmengine."):
         frame = frame.f_back
-    if frame is not None and not getattr(promptmatch, "_mmseg_stack_missing_logged", False):
+    if frame is not None and first_report("registry: mmseg stack missing"):
+        # logging is a courtesy: the ImportError raised below carries the message either way
         try:
             from mmengine.logging import print_log
 
             print_log(f"promptmatch.registry: {error}", logger="current", level=logging.ERROR)
-            promptmatch._mmseg_stack_missing_logged = True
-        except Exception:  # noqa: BLE001  the ImportError below still says it
+        except Exception:  # noqa: BLE001
             pass
     return error
 

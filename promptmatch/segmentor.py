@@ -11,7 +11,7 @@ from torch import nn
 from .backbones import create_backbone
 from .checkpoint import backbone_architecture, describe_model
 from .core import PromptedCore
-from .decoders import DECODERS, build_decoder, list_decoders
+from .decoders import DecoderConfig, build_decoder, get_decoder
 from .methods import MethodConfig, get_method, interim_losses
 from .staging import StagedBackbone
 
@@ -35,7 +35,7 @@ class PromptSegmentor(PromptedCore, nn.Module):
         method: str = "spm",
         method_cfg: Optional[Union[MethodConfig, Mapping[str, Any]]] = None,
         decoder: str = "linear",
-        decoder_cfg: Optional[Mapping[str, Any]] = None,
+        decoder_cfg: Optional[Union[DecoderConfig, Mapping[str, Any]]] = None,
         class_names: Optional[Sequence[str]] = None,
         stage_modules: Optional[Sequence[str]] = None,
         num_stages: Optional[int] = None,
@@ -54,14 +54,15 @@ class PromptSegmentor(PromptedCore, nn.Module):
         self.class_names = class_names
         self.ignore_index = ignore_index
         self.backbone = backbone
-        if decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {decoder!r}; available decoders: {list_decoders()}")
+        get_decoder(decoder)  # an unknown name fails before the backbone is touched
         get_method(method)  # an unknown name fails before the backbone is touched
 
         def build_head() -> None:
             self.decoder_name = decoder
-            self.decoder_cfg = dict(decoder_cfg or {})
-            self.decode_head = build_decoder(decoder, self.staged.stages, num_classes, self.decoder_cfg)
+            # what checkpoints record: the fields given (a dict), or all of them (a config dataclass)
+            self.decoder_cfg = (decoder_cfg.to_dict() if isinstance(decoder_cfg, DecoderConfig)
+                                else dict(decoder_cfg or {}))
+            self.decode_head = build_decoder(decoder, self.staged.stages, num_classes, decoder_cfg)
             reads = getattr(self.decode_head, "stages_read", None)
             if reads is not None:  # e.g. SPM drops the decoder prompts of levels it never reads
                 self.method.decoder_reads(reads(len(self.staged.stages)))
@@ -156,7 +157,7 @@ def create_segmentor(
     decoder: str = "linear",
     *,
     method_cfg: Optional[Union[MethodConfig, Mapping[str, Any]]] = None,
-    decoder_cfg: Optional[Mapping[str, Any]] = None,
+    decoder_cfg: Optional[Union[DecoderConfig, Mapping[str, Any]]] = None,
     class_names: Optional[Sequence[str]] = None,
     pretrained: bool = False,
     weights: Optional[str] = None,
@@ -173,9 +174,10 @@ def create_segmentor(
             state_dict keys stay unchanged and it is reachable as ``model.backbone``).
         method: the tuning method (``"spm"``; see :func:`promptmatch.list_methods`).
         num_classes: number of classes K of the dataset.
-        decoder: ``"linear"`` (one linear layer on the last features) or ``"multilevel"``.
+        decoder: a registered decoder (:func:`promptmatch.list_decoders`): ``"linear"`` (one linear
+            layer on the last features), ``"multilevel"``, or one added with :func:`promptmatch.register_decoder`.
         method_cfg: the method's config dataclass (e.g. :class:`SPMConfig`) or a dict of its fields.
-        decoder_cfg: keyword arguments of the decoder.
+        decoder_cfg: the decoder's config dataclass (e.g. :class:`LinearDecoderConfig`) or a dict of its fields.
         class_names: names of the K classes, stored in prompt checkpoints.
         pretrained, weights, weights_remap: see :func:`create_backbone` (name only).
         stage_modules: names of the modules that end the stages (default: ``feature_info``).

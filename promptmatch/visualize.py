@@ -4,14 +4,16 @@ segmentor file). numpy only (PIL where a tool writes images)."""
 from __future__ import annotations
 
 import colorsys
+import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "opacity_arg", "find_images", "fixed_palette", "make_palette", "colorize", "blend", "output_stems"]
+from .constants import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+__all__ = ["IMAGE_SUFFIXES", "opacity_arg", "find_images", "fixed_palette", "make_palette", "colorize", "blend",
+           "output_stems", "write_palette", "write_mask_and_overlay"]
 
 
 def opacity_arg(text: str) -> float:
@@ -33,7 +35,7 @@ def find_images(path: str) -> List[Path]:
         return [p]
     images = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {str(p)!r}")
+        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {str(p)!r}")
     return images
 
 
@@ -75,3 +77,24 @@ def output_stems(images: Sequence[Path]) -> List[str]:
     stems = [p.stem for p in images]
     clash = {s for s in stems if stems.count(s) > 1}
     return [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if p.stem in clash else p.stem for p in images]
+
+
+def write_palette(out_dir: Path, names: Sequence[Any], palette: np.ndarray) -> Path:
+    """Write ``palette.json`` (class name -> RGB colour) into ``out_dir``; returns its path."""
+    path = Path(out_dir) / "palette.json"
+    path.write_text(json.dumps({str(n): [int(c) for c in palette[i]] for i, n in enumerate(names)}, indent=1) + "\n")
+    return path
+
+
+def write_mask_and_overlay(
+    out_dir: Path, stem: str, labels: np.ndarray, image_rgb: np.ndarray, palette: np.ndarray, opacity: float
+) -> Tuple[Path, Path]:
+    """Write ``<stem>_mask.png`` (one colour per class) and ``<stem>_overlay.png`` (the image
+    blended with the mask, ``opacity`` of the mask) into ``out_dir``; returns both paths."""
+    from PIL import Image
+
+    mask = colorize(labels, palette)
+    mask_path, overlay_path = Path(out_dir) / f"{stem}_mask.png", Path(out_dir) / f"{stem}_overlay.png"
+    Image.fromarray(mask).save(mask_path)
+    Image.fromarray(blend(image_rgb, mask, opacity)).save(overlay_path)
+    return mask_path, overlay_path

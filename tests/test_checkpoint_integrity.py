@@ -54,7 +54,7 @@ def test_a_flipped_bit_in_the_tensor_data_is_refused(tmp_path, where):
     with pytest.raises(pm.PromptChecksumError, match="damaged or was altered.*Nothing was loaded"):
         pm.load_prompts(target, path)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # untouched
-    with pytest.raises(pm.PromptChecksumError):
+    with pytest.raises(pm.PromptChecksumError, match="damaged or was altered"):
         pm.PromptBank(target.backbone).add("x", path)
 
 
@@ -68,7 +68,14 @@ def test_file_without_checksum_still_loads(tmp_path):
     del meta["tensor_sha256"]
     tensors = pm.checkpoint.read_prompt_tensors(path)
     save_file(tensors, str(path), metadata={"promptmatch": json.dumps(meta, sort_keys=True)})
-    pm.load_prompts(_model(seed=1), path)
+    target = _model(seed=1)
+    assert any(not torch.equal(target.trainable_state_dict()[k], v) for k, v in tensors.items())
+    loaded_meta = pm.load_prompts(target, path)
+    assert "tensor_sha256" not in loaded_meta
+    own = target.trainable_state_dict()
+    assert sorted(own) == sorted(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(own[k], v), k
 
 
 def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path):

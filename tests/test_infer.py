@@ -92,7 +92,7 @@ def test_infer_default_images_are_the_test_split(trained, tmp_path):
     assert len(list(tmp_path.glob("*_mask.png"))) == len(list(tmp_path.glob("*_overlay.png"))) == n
 
 
-def test_infer_clear_errors(trained, tmp_path):
+def test_infer_clear_errors(trained, tmp_path, capsys):
     tmp, cfg, prompts, data_root = trained
     infer = _infer_module()
     with pytest.raises(SystemExit, match="does not exist"):
@@ -107,8 +107,10 @@ def test_infer_clear_errors(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no images"):
         infer.main([str(cfg), str(prompts), "--images", str(tmp_path / "empty"), "--out-dir", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, status 2
         infer.main([str(cfg), str(prompts), "--opacity", "1.5"])
+    assert exit_info.value.code == 2 and "opacity must be in [0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="pretrained weights are missing: .*nowhere.pth"):
         infer.main([str(cfg), str(prompts), "--images", str(data_root / "img_dir" / "val"), "--out-dir", str(tmp_path),
                     "--cfg-options", f"model.backbone.init_cfg.checkpoint={tmp_path / 'nowhere.pth'}"])

@@ -87,10 +87,22 @@ def test_round_trip_exact(tmp_path, backbone, method):
 
 
 def test_prompt_checkpoint_of_loaded_model_fits_a_fresh_backbone(tmp_path, saved):
+    """The prompts of a loaded merged model, saved as a prompt checkpoint, load onto a freshly
+    built segmentor whose backbone has the same weights, and give the same logits."""
+    from safetensors.torch import load_file
+
     path, want = saved
     loaded = load_segmentor(path)
-    pm.save_prompts(loaded, tmp_path / "p.safetensors")
     assert torch.equal(_logits(loaded), want)
+    prompts = pm.save_prompts(loaded, tmp_path / "p.safetensors")
+    backbone = pm.create_backbone("test_resnet", pretrained=False)
+    backbone_weights = {k[len("backbone."):]: v for k, v in load_file(str(path)).items() if k.startswith("backbone.")}
+    backbone.load_state_dict(backbone_weights, strict=True)
+    torch.manual_seed(7)  # matchers and head initialised unlike the saved ones
+    fresh = pm.create_segmentor(backbone, "spm", 3, class_names=["a", "b", "c"]).eval()
+    assert not torch.equal(_logits(fresh), want)
+    pm.load_prompts(fresh, prompts)
+    assert torch.equal(_logits(fresh), want)
 
 
 def test_tampered_tensor_is_a_checksum_error(tmp_path, saved):
@@ -233,7 +245,8 @@ def test_failed_save_keeps_the_existing_file(tmp_path, saved):
     seg = _segmentor("test_resnet", "spm")
     with torch.no_grad():
         seg.decode_head.classifier.weight.fill_(float("nan"))
-    with pytest.raises(pm.NonFiniteError):
+    with pytest.raises(pm.NonFiniteError, match=r"not writing merged segmentor .*decode_head\.classifier\.weight.*"
+                                                 "The existing file was left as it was"):
         save_segmentor(seg, path)
     assert torch.equal(_logits(load_segmentor(path)), saved[1])
 
@@ -253,10 +266,9 @@ def test_save_refuses_non_segmentor():
 
 # ----------------------------------------------------------------------------- the tool
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("bank_serving", ROOT / "tools" / "bank_serving.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from promptmatch.tools import bank_serving
+
+    return bank_serving
 
 
 def test_bank_serving_tool_tiny(tmp_path, capsys):

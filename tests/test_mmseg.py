@@ -140,7 +140,7 @@ def test_init_model_works_with_mmseg_inference(trained, data_root):
         pytest.skip("exercised once")
     from mmseg.apis import inference_model
 
-    from promptmatch.mmseg.inference import init_model
+    from promptmatch.mmseg import init_model  # the import the docs and inference.py's docstring show
 
     model = init_model(str(cfg), str(work / "prompts.safetensors"), device="cpu")
     assert model.dataset_meta["classes"] == ["red", "green", "blue"] and not model.training

@@ -17,7 +17,8 @@ from typing import Any, Dict, Union
 import torch
 from torch import nn
 
-from ..checkpoint import PromptMismatchError, load_prompts, save_prompts, trainable_state_dict
+from ..checkpoint import PromptMismatchError, load_prompts, save_prompts
+from ..core import trainable_state_dict
 
 __all__ = ["read_runner_state_dict", "load_prompts_or_runner_checkpoint", "extract_prompts"]
 

@@ -23,8 +23,9 @@ from ..checkpoint import backbone_architecture, describe_model
 from ..core import PromptedCore
 from ..divergence import DivergenceError, DivergenceGuard, check_max_bad_steps
 from ..methods import MethodNotApplicableError, get_method, interim_losses
-from ..report import parameter_report
+from ..params import parameter_report
 from ..registry import MODELS
+from ..staging import group_blocks
 
 __all__ = ["PromptEncoderDecoder", "default_stage_modules", "SUPPORTED_BACKBONES"]
 
@@ -36,13 +37,6 @@ SUPPORTED_BACKBONES = (
 
 def _log_warning(msg: str) -> None:
     print_log(f"promptmatch: {msg}", logger="current", level=logging.WARNING)
-
-
-def _vit_groups(num_layers: int, num_stages: Optional[int]) -> List[str]:
-    n = num_stages or min(4, num_layers)
-    if not 1 <= n <= num_layers:
-        raise ValueError(f"num_stages must be in [1, {num_layers}], got {n}")
-    return [f"layers.{-(-(i + 1) * num_layers // n) - 1}" for i in range(n)]
 
 
 def default_stage_modules(
@@ -61,7 +55,7 @@ def default_stage_modules(
     if hasattr(backbone, "res_layers"):  # ResNet, ResNetV1c, ResNetV1d, ResNeXt, ...
         return list(backbone.res_layers), (224, 224)
     if name in ("VisionTransformer", "BEiT", "MAE"):
-        return _vit_groups(len(backbone.layers), num_stages), size
+        return [f"layers.{i}" for i in group_blocks(len(backbone.layers), num_stages)], size
     if name == "SwinTransformer":
         return [f"stages.{i}.blocks.{len(s.blocks) - 1}" for i, s in enumerate(backbone.stages)], size
     if name == "MixVisionTransformer":

@@ -20,7 +20,6 @@ has one per class, otherwise a fixed palette.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import os.path as osp
@@ -34,7 +33,8 @@ import numpy as np
 from promptmatch.mmseg.inference import dataset_metainfo, test_dataset_cfg  # noqa: E402
 
 from promptmatch.visualize import (  # noqa: E402,F401  (their home; imported here by older callers)
-    IMAGE_SUFFIXES, blend, colorize, find_images, fixed_palette, make_palette, output_stems,
+    IMAGE_SUFFIXES, blend, colorize, find_images, fixed_palette, make_palette, output_stems, write_mask_and_overlay,
+    write_palette,
 )
 
 
@@ -127,7 +127,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from mmengine.config import Config
     from mmengine.logging import print_log
-    from PIL import Image
 
     from promptmatch.checkpoint import read_prompt_metadata
 
@@ -162,8 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     palette = make_palette(model.num_classes, metainfo)
     names = model.class_names or meta.get("class_names") or [str(i) for i in range(model.num_classes)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "palette.json", "w") as f:
-        json.dump({str(n): [int(c) for c in palette[i]] for i, n in enumerate(names)}, f, indent=1)
+    write_palette(out_dir, names, palette)
 
     written = []
     for path, stem in zip(images, output_stems(images)):
@@ -171,11 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if image_bgr is None:
             raise SystemExit(f"error: cannot read image {str(path)!r}")
         labels = segment(model, pipeline, image_bgr)
-        mask = colorize(labels, palette)
-        overlay = blend(mmcv.bgr2rgb(image_bgr), mask, args.opacity)
-        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
-        Image.fromarray(mask).save(mask_path)
-        Image.fromarray(overlay).save(overlay_path)
+        mask_path, overlay_path = write_mask_and_overlay(out_dir, stem, labels, mmcv.bgr2rgb(image_bgr), palette,
+                                                         args.opacity)
         present = [names[i] for i in np.unique(labels)]
         print_log(f"promptmatch: {path.name}: {', '.join(map(str, present))}", logger="current", level=logging.INFO)
         written.append(dict(image=str(path), mask=str(mask_path), overlay=str(overlay_path)))
