@@ -2,7 +2,9 @@
 
 :func:`export_onnx` writes one ``.onnx`` file whose graph maps normalised images
 ``images`` (N, 3, H, W, float32) to class logits ``logits`` (N, K, H, W), and (by default)
-checks it against PyTorch with onnxruntime on the CPU before the file appears.
+checks it against PyTorch with onnxruntime on the CPU before the file appears. The check and
+the latency comparison live in :mod:`promptmatch.onnx_check` (``compare_onnx``,
+``measure_latency``, ``ExportError``; importable from here as well).
 
 Exporter and opset
 ------------------
@@ -34,7 +36,6 @@ import contextlib
 import logging
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +47,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .onnx_check import (INPUT_NAME, OUTPUT_NAME, ExportError, check_image_size, compare_onnx, measure_latency,
+                         model_device, ort_session, random_images)
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -63,13 +67,7 @@ _logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
 #: lowest opset the exporter is asked for
 MIN_OPSET = 13
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 PathLike = Union[str, os.PathLike]
-
-
-class ExportError(RuntimeError):
-    """A model cannot be exported to ONNX, or the exported graph disagrees with PyTorch."""
 
 
 @dataclass(frozen=True)
@@ -221,12 +219,6 @@ def _size_step(model: nn.Module) -> int:
     return int(step)
 
 
-def _check_size(image_size: Sequence[int]) -> Tuple[int, int]:
-    if len(image_size) != 2 or any(isinstance(v, bool) or int(v) != v or int(v) <= 0 for v in image_size):
-        raise ValueError(f"image_size must be (height, width) positive ints, got {tuple(image_size)!r}")
-    return int(image_size[0]), int(image_size[1])
-
-
 def _axes_words(axes: Dict[int, str], size: Tuple[int, int], outcome: bool = True) -> str:
     """'spatial axes are static (HxW); batch stays dynamic' and the like."""
     if not outcome:
@@ -234,48 +226,6 @@ def _axes_words(axes: Dict[int, str], size: Tuple[int, int], outcome: bool = Tru
     if 0 in axes:
         return f"spatial axes are static ({size[0]}x{size[1]}); batch stays dynamic"
     return f"all axes are static (1x3x{size[0]}x{size[1]})"
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    ref = next(iter(model.parameters()), None)
-    return ref.device if ref is not None else torch.device("cpu")
-
-
-def _random_images(n: int, size: Tuple[int, int], seed: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size[0], size[1], generator=g).to(device)
-
-
-def _ort_session(path: PathLike, threads: int = 0) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("checking an ONNX export needs onnxruntime: pip install promptmatch[deploy]") from e
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def compare_onnx(
-    model: nn.Module, path: PathLike, images: torch.Tensor, session: Any = None
-) -> Tuple[float, float]:
-    """Run ``model`` (eval, no grad) and the ONNX file on ``images``; return (max abs logit
-    difference, fraction of pixels whose argmax class agrees)."""
-    sess = session if session is not None else _ort_session(path)
-    with torch.no_grad():
-        ref = model(images).float().cpu()
-    got = torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: images.float().cpu().numpy()})[0])
-    if tuple(got.shape) != tuple(ref.shape):
-        raise ExportError(f"the ONNX graph returns logits of shape {tuple(got.shape)} for input "
-                          f"{tuple(images.shape)}; PyTorch returns {tuple(ref.shape)}")
-    diff = float((got - ref).abs().max()) if ref.numel() else 0.0
-    if not math.isfinite(diff):
-        diff = float("inf")
-    agree = float((got.argmax(1) == ref.argmax(1)).float().mean()) if ref.numel() else 1.0
-    return diff, agree
 
 
 @contextlib.contextmanager
@@ -392,7 +342,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    size = _check_size(image_size)
+    size = check_image_size(image_size)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
@@ -401,13 +351,13 @@ def export_onnx(
         raise ValueError(f"the export path must end in .onnx, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     what = _describe(model)
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     tmp = _temp_path(path)
     try:
-        example = _random_images(1, size, seed, device)
+        example = random_images(1, size, seed, device)
         with torch.no_grad():
             try:
                 out = model(example)
@@ -450,11 +400,11 @@ def export_onnx(
             if 2 in axes:
                 step = _size_step(model)
                 sizes.append((2, size[0] + step, size[1] + 2 * step))
-            sess = _ort_session(tmp)
+            sess = ort_session(tmp)
             checked, diffs, agrees, failure, failed_at = [], [], [], None, None
             for j, (n, h, w) in enumerate(sizes):
                 failed_at = (n, h, w)
-                imgs = _random_images(n, (h, w), seed + 1 + j, device)
+                imgs = random_images(n, (h, w), seed + 1 + j, device)
                 try:
                     d, a = compare_onnx(model, tmp, imgs, session=sess)
                 except ExportError as e:
@@ -499,68 +449,3 @@ def export_onnx(
                  "agreement %s", what, path, report.file_bytes / 1e6, opset, report.dynamic_axes or "none",
                  time.perf_counter() - t0, report.max_abs_diff, report.argmax_agreement)
     return report
-
-
-# ----------------------------------------------------------------- latency
-def measure_latency(
-    model: nn.Module,
-    path: PathLike,
-    image_size: Sequence[int],
-    runs: int = 20,
-    warmup: int = 3,
-    batch_size: int = 1,
-    threads: Optional[int] = None,
-) -> Dict[str, Any]:
-    """CPU latency of ``model`` in PyTorch and of its ONNX file in onnxruntime.
-
-    Both run ``warmup`` times, then ``runs`` interleaved rounds (one PyTorch forward and one
-    onnxruntime run per round, so that drift of a shared machine hits both alike) on the
-    same random images. onnxruntime gets PyTorch's thread count (``threads``, default
-    ``torch.get_num_threads()``). Returns medians in ms and ``speedup`` (PyTorch / onnxruntime).
-    """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    size = _check_size(image_size)
-    threads = int(threads or torch.get_num_threads())
-    was_training = model.training
-    model.eval()
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model_cpu_device = _model_device(model)
-        if model_cpu_device.type != "cpu":
-            raise ValueError(f"measure_latency compares CPU latency; the model is on {model_cpu_device}")
-        sess = _ort_session(path, threads=threads)
-        x = _random_images(batch_size, size, 123, torch.device("cpu"))
-        feed = {INPUT_NAME: x.numpy()}
-        pt, ox = [], []
-        with torch.no_grad():
-            for i in range(warmup + runs):
-                t = time.perf_counter()
-                model(x)
-                t_pt = time.perf_counter() - t
-                t = time.perf_counter()
-                sess.run([OUTPUT_NAME], feed)
-                t_ox = time.perf_counter() - t
-                if i >= warmup:
-                    pt.append(t_pt * 1e3)
-                    ox.append(t_ox * 1e3)
-    finally:
-        torch.set_num_threads(prev_threads)
-        model.train(was_training)
-    med_pt, med_ox = statistics.median(pt), statistics.median(ox)
-    result = {
-        "onnx": str(path), "image_size": list(size), "batch_size": batch_size, "threads": threads,
-        "runs": runs, "warmup": warmup, "pytorch_ms_median": med_pt, "onnxruntime_ms_median": med_ox,
-        "speedup": med_pt / med_ox if med_ox > 0 else None, "pytorch_ms": pt, "onnxruntime_ms": ox,
-        "torch_version": torch.__version__,
-    }
-    try:
-        import onnxruntime as ort
-
-        result["onnxruntime_version"] = ort.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    _logger.info("latency at %dx%d, batch %d, %d threads: PyTorch %.1f ms, onnxruntime %.1f ms (x%.2f)",
-                 size[0], size[1], batch_size, threads, med_pt, med_ox, result["speedup"] or float("nan"))
-    return result

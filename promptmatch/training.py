@@ -6,7 +6,6 @@ need it.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -16,15 +15,11 @@ from torch import nn
 
 from .divergence import DivergenceError, DivergenceGuard, non_finite_tensors, trainable_buffers
 from .inference import Size2, autocast_context, check_amp
+from .measure import Stopwatch
 
 __all__ = ["train_segmentor", "confusion_matrix", "mean_iou", "evaluate_segmentor", "holdout_split"]
 
 _logger = logging.getLogger(__name__)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_segmentor(
@@ -79,6 +74,7 @@ def train_segmentor(
     model.train()
     times: List[float] = []
     losses: List[float] = []
+    watch = Stopwatch(device)
     for step in range(steps):
         idx = torch.randint(0, len(images), (batch,), generator=g)
         x, y = images[idx], labels[idx]
@@ -89,8 +85,7 @@ def train_segmentor(
         x, y = x.to(device), y.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        _sync(device)
-        t0 = time.perf_counter()
+        watch.start()
         guard.begin_step(buffers)
         with autocast_context(amp, device.type):
             loss = sum(loss_fn(x, y).values())
@@ -114,8 +109,7 @@ def train_segmentor(
             with warnings.catch_warnings():  # "scheduler stepped before the optimiser": intended here
                 warnings.simplefilter("ignore", UserWarning)
                 sched.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(watch.stop())
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, losses[-1])

@@ -83,11 +83,8 @@ def test_cost_tool_rejects_an_unknown_method(tmp_path):
 
 
 def test_cost_tool_parses_labelled_variants():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import cost
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    from promptmatch.tools import cost
+
     assert cost.parse_variant("spm") == ("spm", None, "spm")
     assert cost.parse_variant('spm:{"hidden_dim": 8}') == ("spm", {"hidden_dim": 8}, 'spm:{"hidden_dim": 8}')
     assert cost.parse_variant('late=spm:{"prompt_boundaries":[-2,-1]}') == (

@@ -7,14 +7,14 @@ import json
 import logging
 import os
 import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+from promptmatch.measure import reset_cuda_peak, run_python
+
+from .common import eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median, weights_for
 from .spec import Cell, method_lrs, settings_label
 
 __all__ = ["RECORD_VERSION", "run_cell", "run_cell_in_child", "error_record", "record_head", "sweep_lr",
@@ -23,24 +23,6 @@ __all__ = ["RECORD_VERSION", "run_cell", "run_cell_in_child", "error_record", "r
 _logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
-
-
-def _maxrss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
-
-
-def _weights_for(backbone: Mapping[str, Any]) -> Tuple[Optional[str], bool, bool]:
-    """(weights path, weights_remap, pretrained) for a backbone entry."""
-    from promptmatch.weights import list_offline_weights, offline_weights
-
-    w = backbone.get("weights")
-    if w in list_offline_weights():
-        _, path, remap = offline_weights(w)
-        return str(path), remap, False
-    if w == "pretrained":
-        return None, False, True
-    return w, False, False
 
 
 def _versions() -> Dict[str, str]:
@@ -71,15 +53,6 @@ def diverged_fields(e: Any) -> Dict[str, Any]:
     """Record fields of a :class:`~promptmatch.DivergenceError`."""
     return dict(status="diverged", reason=str(e), diverged_at_step=e.step, diverged_loss=e.loss,
                 diverged_lr=e.lr, diverged_what=e.reason, skipped_steps=e.skipped)
-
-
-def eval_sets(cell: Cell) -> List[Tuple[str, Mapping[str, Any], str]]:
-    """``(record key, dataset entry, split)`` of every evaluation of a cell: its own splits,
-    then each domain-shift target's as ``"<target>:<split>"``."""
-    out = [(sp, cell.dataset, sp) for sp in cell.dataset["splits"]]
-    for t in cell.dataset.get("targets") or []:
-        out += [(f"{t['name']}:{sp}", t, sp) for sp in t["splits"]]
-    return out
 
 
 def sweep_lr(cell: Cell, trial: Callable[[float], float]) -> Tuple[Optional[float], List[Dict[str, Any]]]:
@@ -196,7 +169,7 @@ class MemoryEngine:
         self.classes = entry_classes(c.dataset)
         self.eval_classes = {key: self.classes if entry is c.dataset else entry_classes(entry)
                              for key, entry, split in eval_sets(c)}
-        self.baseline_mb = _maxrss_mb()  # data loaded, no model yet
+        self.baseline_mb = peak_rss_mb()  # data loaded, no model yet
         self._build()  # a method that does not apply is skipped before any training
 
     def _build(self):
@@ -206,7 +179,7 @@ class MemoryEngine:
 
         c = self.cell
         torch.manual_seed(c.seed)
-        weights, remap, pretrained = _weights_for(c.backbone)
+        weights, remap, pretrained = weights_for(c.backbone)
         return pm.create_segmentor(c.backbone["name"], c.method_name, len(self.classes), c.settings["decoder"],
                                    class_names=self.classes, method_cfg=c.method_cfg or None,
                                    decoder_cfg=c.settings.get("decoder_cfg"), weights=weights, weights_remap=remap,
@@ -247,7 +220,6 @@ class MemoryEngine:
         return self._evaluate(model, x[ho], y[ho])[0]
 
     def final(self, lr: float) -> Dict[str, Any]:
-        import numpy as np
         import torch
 
         import promptmatch as pm
@@ -262,13 +234,12 @@ class MemoryEngine:
         rep = pm.parameter_report(model)
         out.update(trainable_params=rep.trainable, backbone_params=rep.backbone_total,
                    trainable_pct=rep.percent_of_backbone(rep.trainable), parameters=rep.as_dict())
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_cuda_peak(device)
         run = self._train(model, *self.train, lr)
         times, losses = run["times"], run["losses"]
         out["skipped_steps"] = run["skipped"]
-        step_s = float(np.median(times[min(s["warmup"], len(times) - 1):]))
-        out.update(_peak_memory(device, baseline_mb))
+        step_s = step_time_median(times, s["warmup"])
+        out.update(peak_memory_fields(device, baseline_mb))
         out.update(step_time_median_s=step_s, throughput_img_s=s["batch"] / step_s, train_s=float(sum(times)),
                    loss_first=losses[0], loss_last=losses[-1], lr_used=lr)
         model.eval()
@@ -282,8 +253,8 @@ class MemoryEngine:
 
             def infer(xi):
                 segment_logits(model, xi.to(device), **self._inference())
-            out["latency_ms_median"] = _latency_ms(infer, [first[i % len(first)][None] for i in
-                                                           range(min(s["latency_images"], len(first)) + 2)], device)
+            out["latency_ms_median"] = latency_ms(infer, [first[i % len(first)][None] for i in
+                                                          range(min(s["latency_images"], len(first)) + 2)], device)
         extra = {"dataset": c.dataset["name"], "seed": c.seed, "lr": lr}
         if self.work_dir is not None:  # the cell's files: what it ran and its prompt checkpoint
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -298,33 +269,6 @@ class MemoryEngine:
         return out
 
 
-def _peak_memory(device: Any, baseline_mb: float) -> Dict[str, Any]:
-    import torch
-
-    if device.type == "cuda":
-        return dict(peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20, peak_mem_kind="cuda max_memory_allocated")
-    peak = _maxrss_mb()
-    return dict(peak_mem_mb=peak - baseline_mb, peak_mem_kind="cpu peak RSS - baseline", peak_rss_mb=peak,
-                baseline_rss_mb=baseline_mb)
-
-
-def _latency_ms(infer: Callable[[Any], Any], inputs: List[Any], device: Any) -> float:
-    """Median wall time (ms) of ``infer`` over ``inputs``, the first two left out (warm-up)."""
-    import numpy as np
-
-    from promptmatch.training import _sync
-
-    lat = []
-    for i, xi in enumerate(inputs):
-        _sync(device)
-        t0 = time.perf_counter()
-        infer(xi)
-        _sync(device)
-        if i >= 2:
-            lat.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(lat)) if lat else float("nan")
-
-
 def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None,
                       work_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
     """Run :func:`run_cell` in a fresh ``python -m promptmatch.benchmark --cell`` process.
@@ -335,25 +279,16 @@ def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None,
     with tempfile.TemporaryDirectory(prefix="pm-cell-") as tmp:
         cell_file, out_file = Path(tmp) / "cell.json", Path(tmp) / "record.json"
         cell_file.write_text(json.dumps(cell.to_dict()))
-        env = dict(os.environ)
-        # the child imports the same promptmatch as this process, installed or not
-        here = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        if cell.device == "cpu":  # mmengine's Runner would take a GPU it sees: a CPU cell sees none
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "promptmatch.benchmark", "--cell", str(cell_file), "--record", str(out_file)]
+        # mmengine's Runner would take a GPU it sees: a CPU cell sees none
+        env = {"CUDA_VISIBLE_DEVICES": ""} if cell.device == "cpu" else {}
+        args = ["-m", "promptmatch.benchmark", "--cell", str(cell_file), "--record", str(out_file)]
         if work_dir is not None:
-            cmd += ["--work-dir", str(work_dir)]
-        try:
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  timeout=timeout_s)
-            rc, err = proc.returncode, proc.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        if rc == 0 and out_file.is_file():
+            args += ["--work-dir", str(work_dir)]
+        res = run_python(args, timeout=timeout_s, env=env)
+        if res.ok and out_file.is_file():
             return json.loads(out_file.read_text())
-    return error_record(cell, f"child exited with {rc}: {err[-4000:]}", time.perf_counter() - t0)
+    rc = "timeout" if res.timed_out else res.returncode
+    return error_record(cell, f"child exited with {rc}: {res.stderr[-4000:]}", time.perf_counter() - t0)
 
 
 def error_record(cell: Cell, reason: str, wall_s: float) -> Dict[str, Any]:

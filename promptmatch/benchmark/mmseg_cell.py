@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .cell import _latency_ms, _maxrss_mb, _peak_memory, _weights_for, eval_sets
+from promptmatch.measure import Stopwatch, reset_cuda_peak
+
+from .common import eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median, weights_for
 from .data import entry_classes, load_config_ref, mmseg_dataset_config, train_count
 from .spec import ENGINE_WEIGHT_DECAY, Cell
 
@@ -53,7 +55,7 @@ def _model_base(cell: Cell, num_classes: int, crop: Tuple[int, int]) -> Dict[str
         import promptmatch.mmseg  # noqa: F401
         from promptmatch.mmseg import TimmBackbone
 
-        weights, remap, pretrained = _weights_for(b)
+        weights, remap, pretrained = weights_for(b)
         kwargs = dict(b.get("kwargs") or {})
         if pretrained:
             kwargs["pretrained"] = True
@@ -201,7 +203,7 @@ class _StepTimer:
         self.times: List[float] = []
         self.losses: List[float] = []
         self.wall_s = float("nan")
-        self._t0 = 0.0
+        self._watch = Stopwatch(device)
         self._hook = type("BenchmarkStepTimer", (Hook,), {
             "priority": "VERY_HIGH",
             "before_train_iter": lambda h, runner, batch_idx, data_batch=None: self._start(),
@@ -209,16 +211,10 @@ class _StepTimer:
         })()
 
     def _start(self) -> None:
-        from promptmatch.training import _sync
-
-        _sync(self.device)
-        self._t0 = time.perf_counter()
+        self._watch.start()
 
     def _stop(self, outputs: Any) -> None:
-        from promptmatch.training import _sync
-
-        _sync(self.device)
-        self.times.append(time.perf_counter() - self._t0)
+        self.times.append(self._watch.stop())
         if isinstance(outputs, Mapping) and "loss" in outputs:
             self.losses.append(float(outputs["loss"]))
 
@@ -241,7 +237,7 @@ class MmengineEngine:
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.classes = entry_classes(self.cell.dataset)
-        self.baseline_mb = _maxrss_mb()  # before any Runner or model
+        self.baseline_mb = peak_rss_mb()  # before any Runner or model
         get_method(self.cell.method_name)
 
     def _runner(self, work_dir: Path, lr: float, train_indices: Optional[List[int]] = None):
@@ -317,7 +313,6 @@ class MmengineEngine:
             _release(runner)
 
     def final(self, lr: float) -> Dict[str, Any]:
-        import numpy as np
         import torch
 
         from promptmatch import parameter_report
@@ -325,8 +320,7 @@ class MmengineEngine:
         s = self.cell.settings
         baseline_mb = self.baseline_mb
         runner, cfg = self._runner(self.work_dir, lr)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_cuda_peak(self.device)
         out: Dict[str, Any] = {"config_file": str(self.work_dir / "config.py"), "work_dir": str(self.work_dir)}
         self.partial = out  # what a diverged record keeps
         model = runner.model.module if hasattr(runner.model, "module") else runner.model
@@ -335,9 +329,9 @@ class MmengineEngine:
                    backbone_params=rep.backbone_total, trainable_pct=rep.percent_of_backbone(rep.trainable),
                    parameters=rep.as_dict())
         timer = self._train(runner)
-        out.update(_peak_memory(self.device, baseline_mb))
+        out.update(peak_memory_fields(self.device, baseline_mb))
         times = timer.times
-        step_s = float(np.median(times[min(s["warmup"], len(times) - 1):]))
+        step_s = step_time_median(times, s["warmup"])
         world = _world_size()
         out.update(step_time_median_s=step_s, throughput_img_s=world * s["batch"] / step_s, train_s=float(sum(times)),
                    train_wall_s=timer.wall_s, throughput_e2e_img_s=world * s["batch"] * len(times) / timer.wall_s,
@@ -363,7 +357,7 @@ class MmengineEngine:
         from promptmatch.inference import autocast_context
 
         with torch.no_grad(), autocast_context(s.get("amp"), self.device.type):
-            out["latency_ms_median"] = _latency_ms(model.test_step, samples, self.device)
+            out["latency_ms_median"] = latency_ms(model.test_step, samples, self.device)
         ckpt = self.work_dir / "prompts.safetensors"
         if ckpt.is_file():
             out.update(checkpoint=str(ckpt), checkpoint_bytes=ckpt.stat().st_size)
