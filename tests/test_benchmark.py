@@ -287,3 +287,27 @@ def test_shards_cover_the_grid_and_merge(tmp_path):
     assert bm.main(["--out", str(tmp_path / "all"), "--report-only", "--merge", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(ValueError, match="0 <= k < n"):
         bm.run_benchmark(spec, tmp_path / "c", shard=(3, 2))
+
+
+def test_cell_keys_of_every_source_are_pinned():
+    """Recorded results are found again by their keys: the dataset part of a key, per source,
+    is pinned here (values computed before the sources became registered classes)."""
+    spec = bm.validate_spec({
+        "name": "g", "methods": ["linear"], "backbones": ["test_resnet"],
+        "datasets": [{"name": "f", "folder": "/nonexistent/f", "classes": ["a", "b"], "reduce_zero_label": True},
+                     {"name": "m", "mmseg_config": "mmseg::_base_/datasets/ade20k.py", "data_root": "/data/ade"},
+                     "texture_mosaic"],
+        "settings": {"steps": 3}})
+    assert [bm.get_source(d["source"]).key_part(d) for d in spec.datasets] == [
+        "f@66f03bad", "m@ef35d8c4", "texture_mosaic"]
+    assert bm.expand_grid(spec)[0].key == (
+        '{"backbone":{"kwargs":{},"name":"test_resnet","weights":null},"dataset":"f@66f03bad","method":"linear",'
+        '"seed":0,"settings":{"batch":8,"decoder":"linear","decoder_cfg":null,"engine":"mmengine","eval_batch":16,'
+        '"image_size":null,"latency_images":8,"lr":0.0001,"steps":3,"warmup":5}}')
+    assert spec.datasets[0] == {"name": "f", "folder": "/nonexistent/f", "classes": ["a", "b"],
+                                "reduce_zero_label": True, "source": "folder", "train_split": "train",
+                                "splits": ["val"], "eval_on": [], "eval_only": False}
+    with pytest.raises(bm.SpecError, match=r"datasets\[0\] \(f\): 'classes' must be a non-empty list"):
+        bm.validate_spec({**TINY, "datasets": [{"name": "f", "folder": "/x", "classes": []}]})
+    with pytest.raises(bm.SpecError, match=r"splits must be \['val'\]"):
+        bm.validate_spec({**TINY, "datasets": [{"name": "m", "mmseg_config": "mmseg::x.py", "splits": ["test"]}]})

@@ -5,6 +5,7 @@ Tiny PNG datasets are written into tmp_path by each test; the export test uses t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -76,7 +77,7 @@ def test_good_dataset_passes(tmp_path):
     assert pairs[0][0].parent == root / "img_dir" / "train"
     # the package exports the API; the dataclass is frozen and hashable
     assert D.FolderDataset is FolderDataset and "load_folder_split" in D.__all__
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ds.root = tmp_path  # type: ignore[misc]
     assert hash(ds) == hash(describe_folder_dataset(root))
 

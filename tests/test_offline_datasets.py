@@ -126,7 +126,7 @@ def test_unknown_name_lists_available(call, tmp_path):
 
 def test_source_areas_are_disjoint_and_fit_the_crops():
     """The mechanism that keeps train and val apart: one train and one val area per source."""
-    for key, src in O._SOURCES.items():
+    for key, src in O.sources._SOURCES.items():
         train, val = src.areas()
         w, h = src.size
         for area in (train, val):
@@ -138,7 +138,7 @@ def test_source_areas_are_disjoint_and_fit_the_crops():
         assert gap >= O.GUARD_PX, key
     for spec in D.OFFLINE_DATASETS.values():
         for key in spec.all_sources:
-            src = O._SOURCES[key]
+            src = O.sources._SOURCES[key]
             side = spec.crop_px[1] * src.scale
             for area in src.areas():
                 assert min(area[2] - area[0], area[3] - area[1]) >= side, (spec.name, key)
@@ -347,7 +347,7 @@ def test_corruption_is_detected_and_rebuilt(built, stardist_wheel_dir, tmp_path,
     victim = path / "img_dir" / "val" / "0003.png"
     victim.write_bytes(victim.read_bytes()[:-20] + b"\0" * 20)
     assert not D.verify_offline_dataset(path)
-    assert O._problems(path) == ["img_dir/val/0003.png is corrupt (sha256 mismatch)"]
+    assert O.build._problems(path) == ["img_dir/val/0003.png is corrupt (sha256 mismatch)"]
     (tmp_path / ".nuclei.tmp-deadbeef" / "img_dir").mkdir(parents=True)  # left by a killed build
     (tmp_path / ".nuclei.old-deadbeef").mkdir()
     with caplog.at_level("WARNING", logger=O.__name__):
@@ -357,10 +357,10 @@ def test_corruption_is_detected_and_rebuilt(built, stardist_wheel_dir, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == [".nuclei.lock", "nuclei"]  # stale dirs removed
 
     (path / "ann_dir" / "train" / "0000.png").unlink()
-    assert O._problems(path) == ["ann_dir/train/0000.png is missing"]
+    assert O.build._problems(path) == ["ann_dir/train/0000.png is missing"]
     (path / "ann_dir" / "train" / "0000.png").write_bytes(b"")
     shutil.copy(path / "img_dir" / "val" / "0000.png", path / "img_dir" / "val" / "9999.png")
-    assert any("9999.png is not in the manifest" in p for p in O._problems(path, limit=10))
+    assert any("9999.png is not in the manifest" in p for p in O.build._problems(path, limit=10))
     D.build_offline_dataset("nuclei", root=tmp_path)
     assert D.verify_offline_dataset(path) and not (path / "img_dir" / "val" / "9999.png").exists()
 
@@ -368,7 +368,7 @@ def test_corruption_is_detected_and_rebuilt(built, stardist_wheel_dir, tmp_path,
     meta["classes"] = ["a", "b"]
     (path / "meta.json").write_text(json.dumps(meta))
     assert not D.verify_offline_dataset(path)
-    assert "modified" in O._problems(path)[0]
+    assert "modified" in O.build._problems(path)[0]
     (path / "meta.json").write_text("{not json")
     assert not D.verify_offline_dataset(path)
     assert not D.verify_offline_dataset(tmp_path / "does_not_exist")

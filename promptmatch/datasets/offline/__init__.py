@@ -36,54 +36,36 @@ for ``nuclei``, the stardist wheel file). It never touches the network, except i
 
 Modules: :mod:`.errors` (exceptions), :mod:`.sources` (source images, checksums, the
 stardist wheel), :mod:`.specs` (:class:`OfflineDatasetSpec` and :data:`OFFLINE_DATASETS`),
+:mod:`.registry` (:func:`register_offline_dataset`: adding a dataset, see docs/datasets.md),
 :mod:`.scenes` (scene generators), :mod:`.shifts` (:data:`SHIFT_REGISTRY`, the one registry
-of domain shifts), :mod:`.build` (build, verify, lock) and :mod:`.consumers`
-(:func:`load_offline_split`, :func:`mmseg_dataset_config`).
+of domain shifts), :mod:`.build` (build, verify, lock), :mod:`.consumers`
+(:func:`load_offline_split`, :func:`mmseg_dataset_config`) and :mod:`.export` (as folder
+datasets: :func:`export_offline_as_folder`, :func:`render_offline_as_folder`).
 """
 from __future__ import annotations
 
 from ..._wheels import CACHE_ENV, WHEELS_ENV, cache_base  # noqa: F401  (module attributes callers use)
-from .build import (  # noqa: F401  (private names: kept importable from here)
-    BUILD_VERSION,
-    DATA_ENV,
-    _build_into,
-    _build_lock,
-    _problems,
-    build_offline_dataset,
-    render_offline_as_folder,
-    default_data_root,
-    verify_offline_dataset,
-)
+from .build import DATA_ENV, BUILD_VERSION, build_offline_dataset, default_data_root, verify_offline_dataset  # noqa: F401
 from .consumers import load_offline_split, mmseg_dataset_config
 from .errors import OfflineDataError, SourceChecksumError, SourceNotFoundError
-from .scenes import _SCENE_MAKERS, View  # noqa: F401
-from .shifts import (  # noqa: F401
-    SHIFT_REGISTRY,
-    SHIFTS,
-    SPLITS,
-    Shift,
-    _blur_shift,
-    _colour_shift,
-    _noise_shift,
-)
+from .export import export_offline_as_folder, render_offline_as_folder
+from .registry import register_offline_dataset, unregister_offline_dataset
+from .scenes import View  # noqa: F401
+from .shifts import SHIFT_REGISTRY, SHIFTS, SPLITS, Shift
 from .sources import (  # noqa: F401
-    _SOURCES,
     GUARD_PX,
     STARDIST_REQUIREMENT,
     STARDIST_VERSION,
     PathLike,
-    _Source,
-    _SourceBank,
     default_wheel_dir,
     fetch_stardist_wheel,
     find_stardist_wheel,
 )
-from .specs import (  # noqa: F401
+from .specs import (
     IGNORE_INDEX,
     IMAGE_SIZE,
     OFFLINE_DATASETS,
     OfflineDatasetSpec,
-    _get_spec,
     dataset_classes,
     dataset_palette,
     list_offline_datasets,
@@ -106,6 +88,9 @@ __all__ = [
     "dataset_palette",
     "build_offline_dataset",
     "render_offline_as_folder",
+    "export_offline_as_folder",
+    "register_offline_dataset",
+    "unregister_offline_dataset",
     "verify_offline_dataset",
     "load_offline_split",
     "mmseg_dataset_config",

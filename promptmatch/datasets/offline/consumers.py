@@ -8,21 +8,21 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from . import specs
 from .build import build_offline_dataset
 from .shifts import SPLITS
 from .sources import PathLike
+from .specs import list_offline_datasets
 
 __all__ = ["load_offline_split", "mmseg_dataset_config"]
 
 
 def _resolve(path_or_name: PathLike, root: Optional[PathLike]) -> Path:
-    if isinstance(path_or_name, str) and path_or_name in specs.OFFLINE_DATASETS:
+    if isinstance(path_or_name, str) and path_or_name in list_offline_datasets():
         return build_offline_dataset(path_or_name, root)
     path = Path(path_or_name)
     if not (path / "meta.json").is_file():
         raise ValueError(f"{path} is neither an offline dataset directory nor a dataset name "
-                         f"({', '.join(specs.list_offline_datasets())})")
+                         f"({', '.join(list_offline_datasets())})")
     return path
 
 

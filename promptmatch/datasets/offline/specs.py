@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
     "IMAGE_SIZE",
@@ -94,7 +94,7 @@ def _layout(**kw: Any) -> Mapping[str, Any]:
 LONG_TAIL_EXPONENT = 1.3
 
 
-OFFLINE_DATASETS: Mapping[str, OfflineDatasetSpec] = MappingProxyType({s.name: s for s in (
+_REGISTRY: Dict[str, OfflineDatasetSpec] = {s.name: s for s in (
     OfflineDatasetSpec(
         name="texture_mosaic",
         description="Blobby Voronoi regions filled with grey-level crops of 8 real textures; "
@@ -188,7 +188,9 @@ OFFLINE_DATASETS: Mapping[str, OfflineDatasetSpec] = MappingProxyType({s.name: s
         class_weights=_zipf_weights(16, LONG_TAIL_EXPONENT),
         layout=_layout(regions=(4, 6), min_seed_distance=0.24),
     ),
-)})
+)}
+#: Every offline dataset by name (a read-only view: add one with ``register_offline_dataset``).
+OFFLINE_DATASETS: Mapping[str, OfflineDatasetSpec] = MappingProxyType(_REGISTRY)
 
 
 def list_offline_datasets() -> List[str]:
