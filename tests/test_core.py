@@ -9,9 +9,20 @@ from torch import nn
 import promptmatch as pm
 
 from conftest import make_backbone
+from method_contract import CONTRACT_BACKBONES, applies
+
+VIT = CONTRACT_BACKBONES[0]
+assert VIT.name == "test_vit"
+#: every registered method that applies to the ViT, except those whose attachment cannot be
+#: undone: peft's LoRA injection (the one method that renames backbone keys) has no detach
+UNDOABLE = [m for m in pm.list_methods() if applies(m, VIT) and not pm.get_method(m).renames_backbone_keys]
 
 
-@pytest.mark.parametrize("method", ["spm", "bitfit", "full", "vpt", "adaptformer"])
+def test_undoable_methods_cover_the_built_in_ones():
+    assert {"linear", "spm", "bitfit", "full", "vpt", "adaptformer"} <= set(UNDOABLE)
+
+
+@pytest.mark.parametrize("method", UNDOABLE)
 def test_failed_construction_leaves_the_backbone_as_given(method):
     backbone = make_backbone("test_vit", {})
     before = {n: (p.requires_grad, p.detach().clone()) for n, p in backbone.named_parameters()}

@@ -77,6 +77,7 @@ def test_train_step_skips_or_stops_on_a_non_finite_loss(setup):
     before = _state(model)
     model.train_step(_batch(nan=True), ow)  # skipped: nothing changes, BatchNorm statistics included
     after = _state(model)
+    assert before and before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len(model.divergence_guard.skipped) == 1 and not model.divergence_guard.last_step_ok
     model.train_step(_batch(), ow)  # a good step trains again

@@ -92,8 +92,10 @@ def test_lora_structure_identity_and_grads(name, expect):
     model.eval()
     images, labels = make_batch(64, n=2)
     with torch.no_grad():  # lora_B starts at zero: the model equals the frozen backbone
-        for a, b in zip(model.staged(images), ref.staged(images)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        got, want = model.staged(images), ref.staged(images)
+    assert len(got) == len(want) == len(stage_mods) > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     model.train()
     assert not model.backbone.training
     sum(model.loss(images, labels).values()).backward()

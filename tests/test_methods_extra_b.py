@@ -45,7 +45,9 @@ def test_adaptformer_is_identity_at_init_and_adapts_every_block():
         feats, _ = model.forward_features(images)
         out = model(images)
         head_out = model._decode(plain_features(model, images), images.shape[-2:])
-    for f, g in zip(feats, plain_features(model, images)):
+    plain = plain_features(model, images)
+    assert len(feats) == len(plain) == len(model.staged.stages) > 0
+    for f, g in zip(feats, plain):
         assert torch.equal(f, g)
     assert torch.equal(out, head_out)  # frozen backbone + the same head
 

@@ -308,5 +308,7 @@ def test_prompt_bank_predicts_a_folder_per_dataset(tmp_path):
     for name, seg in models.items():
         got = bank.predict(imgs, name, return_logits=True)
         ref = pm.predict(seg, imgs, return_logits=True)
+        assert len(got[0]) == len(ref[0]) == len(got[1]) == len(ref[1]) == 2  # one per image of the folder
+        assert [tuple(g.shape) for g in got[0]] == [(40, 33), (64, 64)]
         assert all(torch.equal(g, r) for g, r in zip(got[0], ref[0]))
         assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(got[1], ref[1]))

@@ -36,9 +36,20 @@ V3_SWITCHES = ("observe-early", "prompt-deepest-one", "observer-decoder-prompts"
                "soft-interim", "balanced-interim")
 
 
+def _decode_loss(model, images, labels) -> float:
+    """The decode head's loss in eval mode (no prompt dropout), without autograd."""
+    model.eval()
+    with torch.no_grad():
+        out = float(model.loss(images, labels)["loss_decode"])
+    model.train()
+    return out
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_variant_is_identity_at_init_and_learns(variant, backbone):
+    """Each variant starts as the frozen backbone, and its matchers alone (the head held
+    fixed) lower the loss of the frozen start on a learnable toy batch."""
     torch.manual_seed(0)
     decoder = "multilevel" if variant in V3_SWITCHES else "linear"  # decoder taps need a multi-level decoder
     model = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, decoder, method_cfg=VARIANTS[variant])
@@ -46,17 +57,22 @@ def test_variant_is_identity_at_init_and_learns(variant, backbone):
     with torch.no_grad():
         want = model.staged.forward(images)
         got, _ = model.forward_features(images)
+    assert len(got) == len(want) == len(model.staged.stages) > 0
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(3):
+    frozen_start = _decode_loss(model, images, labels)
+    model.decode_head.requires_grad_(False)  # only the matchers can lower the loss
+    opt = torch.optim.AdamW([p for p in model.method.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(6):
         loss = sum(model.loss(images, labels).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
+    learned = _decode_loss(model, images, labels)
+    assert learned < 0.99 * frozen_start, (variant, frozen_start, learned)
     with torch.no_grad():
         got, _ = model.forward_features(images)
-    # after a few steps the matchers change what the next stages see
+    # the matchers change what the next stages see
     assert not torch.allclose(got[-1], want[-1]), variant
 
 
@@ -172,6 +188,7 @@ def test_observing_boundaries_add_nothing_and_cost_no_backbone_gradients():
         model.method.out_proj[str(n - 1)].weight.normal_(0, 0.1)
     frozen = model.staged.forward(images)
     feats, state = model.forward_features(images)
+    assert n >= 2 and len(feats) == n
     for i in range(n - 1):
         torch.testing.assert_close(feats[i], frozen[i], rtol=0, atol=0)
         assert not feats[i].requires_grad  # nothing trainable before the last boundary's prompt
@@ -206,31 +223,39 @@ def test_decoder_taps_read_before_the_prompt():
         images, _ = make_batch(64, num_classes=3)
         feats, _ = model.forward_features(images)
     n = len(feats)
+    assert n >= 2 and sorted(seen) == list(range(n))
     for i in range(n - 1):
         before, after = seen[i]
         assert feats[i] is before and not torch.equal(before, after)
     assert feats[-1] is seen[n - 1][1]
 
 
-def test_prompt_bound_and_gate_limit_the_prompt():
+def _prompts_with_and_without(cfg):
+    """The prompt a matcher built with ``cfg`` adds at one boundary, and the one an unlimited
+    matcher with the same (large) weights adds."""
     from promptmatch.staging import Stage
 
     torch.manual_seed(0)
     x = torch.randn(2, 16, 8, 8)
-    for cfg, limit in (({"prompt_bound": 0.25, "prompt_scale": "none"}, 0.25),
-                       ({"gate": "confidence", "prompt_scale": "none"}, None)):
-        m = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(**cfg))
-        ref = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(prompt_scale="none"))
-        ref.load_state_dict(m.state_dict())
-        with torch.no_grad():
-            m.out_proj["0"].weight.normal_(0, 10.0)
-            ref.out_proj["0"].weight.copy_(m.out_proj["0"].weight)
-            p = m.boundary(0, x, m.init_state()) - x
-            q = ref.boundary(0, x, ref.init_state()) - x
-        if limit is not None:
-            assert float(p.abs().max()) <= limit + 1e-6 < float(q.abs().max())
-        else:  # zero-initialised interim classifier: uniform maps, every position gated by 1/K
-            torch.testing.assert_close(p, q / 3, rtol=1e-5, atol=1e-6)
+    m = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(**cfg))
+    ref = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(prompt_scale="none"))
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        m.out_proj["0"].weight.normal_(0, 10.0)
+        ref.out_proj["0"].weight.copy_(m.out_proj["0"].weight)
+        return m.boundary(0, x, m.init_state()) - x, ref.boundary(0, x, ref.init_state()) - x
+
+
+def test_prompt_bound_limits_the_prompt():
+    p, q = _prompts_with_and_without({"prompt_bound": 0.25, "prompt_scale": "none"})
+    assert float(p.abs().max()) <= 0.25 + 1e-6 < float(q.abs().max())
+
+
+def test_confidence_gate_scales_the_prompt():
+    p, q = _prompts_with_and_without({"gate": "confidence", "prompt_scale": "none"})
+    # zero-initialised interim classifier: uniform maps, every position gated by 1/K
+    assert float(q.abs().max()) > 0
+    torch.testing.assert_close(p, q / 3, rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_dropout_drops_whole_prompts_in_training_only():
@@ -267,10 +292,10 @@ def test_v2_checkpoint_loads_into_a_v2_model():
     pm.load_prompts(model, data / "prompts.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(model(ref["images"]), ref["logits"], rtol=1e-5, atol=1e-5)
-    if pm.SPMConfig() != pm.SPMConfig.v2():
-        default = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel")
-        with pytest.raises(pm.PromptMismatchError, match="SPMConfig.v2"):
-            pm.load_prompts(default, data / "prompts.safetensors")
+    assert pm.SPMConfig() != pm.SPMConfig.v2()  # so the default model must refuse it
+    default = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel")
+    with pytest.raises(pm.PromptMismatchError, match="SPMConfig.v2"):
+        pm.load_prompts(default, data / "prompts.safetensors")
 
 
 def test_soft_interim_targets_count_every_labelled_pixel():
@@ -334,6 +359,7 @@ def test_observer_decoder_prompts_reach_the_decoder_only(backbone):
         through_backbone, _ = model.prompted_features(images)
         decoder_reads, _ = model.forward_features(images)
     n = len(frozen)
+    assert n >= 3  # at least one observer before the two prompting boundaries
     for i in range(n - 2):  # observers: the backbone goes on unprompted, the decoder reads a prompt
         torch.testing.assert_close(through_backbone[i], frozen[i], rtol=0, atol=0)
         assert not torch.allclose(decoder_reads[i], frozen[i])

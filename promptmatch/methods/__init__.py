@@ -16,6 +16,7 @@ from .base import (
     list_methods,
     register_method,
     saved_method_config,
+    unregister_method,
 )
 from .bitfit import BitFit, BitFitConfig
 from .full import FullFineTune, FullFineTuneConfig
@@ -26,7 +27,7 @@ from .vpt import VisualPromptTuning, VPTConfig
 
 __all__ = [
     "MethodConfig", "MethodNotApplicableError", "TuningMethod", "build_method", "get_method", "interim_losses", "list_methods",
-    "register_method", "saved_method_config",
+    "register_method", "saved_method_config", "unregister_method",
     "SPMConfig", "SemanticPromptMatcher", "ConvGRUCell",
     "LinearProbe", "LinearProbeConfig", "FullFineTune", "FullFineTuneConfig", "BitFit", "BitFitConfig",
     "VisualPromptTuning", "VPTConfig", "LoRA", "LoRAConfig", "AdaptFormer", "AdaptFormerConfig",

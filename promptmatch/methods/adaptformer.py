@@ -92,6 +92,7 @@ class AdaptFormer(TuningMethod):
     name = "adaptformer"
     trains_inside_backbone = True
     config_class = AdaptFormerConfig
+    needs = ("attn_mlp_blocks",)
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: AdaptFormerConfig) -> None:
         super().__init__(stages, num_classes, config)

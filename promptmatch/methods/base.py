@@ -10,7 +10,8 @@ from torch import nn
 
 from ..staging import Stage
 
-__all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "interim_losses", "register_method", "get_method", "list_methods", "build_method"]
+__all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "interim_losses", "register_method", "unregister_method", "get_method",
+           "list_methods", "build_method"]
 
 
 class MethodNotApplicableError(ValueError):
@@ -85,6 +86,15 @@ class TuningMethod(nn.Module):
     trains_inside_backbone: bool = False
     #: True for methods that change the backbone's state_dict keys when attached (peft LoRA)
     renames_backbone_keys: bool = False
+    #: What a backbone must have for this method to apply, by name: ``"token_blocks"`` (a
+    #: ViT-like token model: ``blocks``, ``patch_embed``, ``num_prefix_tokens``) and
+    #: ``"attn_mlp_blocks"`` (blocks with an ``attn`` and an ``mlp``). A declaration for
+    #: readers and the shared tests; :meth:`attach` still raises
+    #: :class:`MethodNotApplicableError` on a backbone without them.
+    needs: ClassVar[Tuple[str, ...]] = ()
+    #: True when a freshly built method leaves the backbone's features exactly as the frozen
+    #: backbone computes them (nothing injected, or zero-initialised injections)
+    starts_as_backbone: ClassVar[bool] = True
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: MethodConfig) -> None:
         super().__init__()
@@ -209,6 +219,13 @@ def register_method(cls: Type[TuningMethod]) -> Type[TuningMethod]:
         raise ValueError(f"a tuning method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister_method(name: str) -> None:
+    """Forget the registered method ``name`` (e.g. a test's toy method)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no tuning method named {name!r} is registered")
+    del _REGISTRY[name]
 
 
 def list_methods() -> Tuple[str, ...]:

@@ -95,6 +95,8 @@ class VisualPromptTuning(TuningMethod):
     name = "vpt"
     trains_inside_backbone = True
     config_class = VPTConfig
+    needs = ("token_blocks",)
+    starts_as_backbone = False  # the prompt tokens start random and change every token's attention
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: VPTConfig) -> None:
         super().__init__(stages, num_classes, config)
