@@ -50,6 +50,11 @@ class PromptBank(nn.Module):
             stage_modules=meta["backbone"]["stage_modules"],
             ignore_index=meta.get("ignore_index", 255),
         )
+        # the matchers and the head are built on the CPU in float32: follow the shared backbone
+        # (a bank moved with .to("cuda") or .double() before this add)
+        ref = next(self.backbone.parameters(), None)
+        if ref is not None:
+            seg.to(device=ref.device, dtype=ref.dtype)
         load_prompts(seg, path)
         seg.eval()
         # register the prompt parts only; the backbone stays one module of the bank

@@ -181,7 +181,7 @@ def evaluate_segmentor(
         p = predict(model, images[i : i + batch].to(device), mode=mode, crop=crop, stride=stride, batch=batch,
                     amp=amp, channels_last=channels_last, progress=False).cpu()
         preds.append(p)
-        conf += confusion_matrix(p, labels[i : i + batch], k)
+        conf += confusion_matrix(p, labels[i : i + batch].cpu(), k)  # predictions come back on the CPU
     m, per_class = mean_iou(conf)
     return m, per_class, torch.cat(preds)
 

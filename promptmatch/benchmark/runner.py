@@ -76,7 +76,9 @@ def _init_distributed(device: str) -> int:
         if device != "cpu" and torch.cuda.is_available():
             from mmengine.dist import init_dist
 
-            init_dist("pytorch", backend="nccl", timeout=timeout)
+            # mmengine 0.10.7 builds timedelta(seconds=timeout) itself: it takes seconds, not a
+            # timedelta (a timedelta raises TypeError there); it also sets the rank's CUDA device
+            init_dist("pytorch", backend="nccl", timeout=int(timeout.total_seconds()))
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
     return dist.get_rank()
