@@ -65,3 +65,21 @@ def test_nccl_init_gets_its_timeout_in_seconds(monkeypatch):
     assert isinstance(seen["timeout"], int) and not isinstance(seen["timeout"], bool)
     # what mmengine 0.10.7 does with it
     assert datetime.timedelta(seconds=seen["timeout"]) == datetime.timedelta(hours=12)
+
+
+def test_ddp_wrapper_on_gpus_gets_the_settings_of_the_cpu_branch(monkeypatch):
+    """The GPU branch used to set only the wrapper type, leaving DDP's own defaults
+    (broadcast_buffers=True, find_unused_parameters=False whatever the config says); the CPU
+    branch (tested with gloo in tests/test_distributed.py) sets both."""
+    pytest.importorskip("mmseg", reason="the mmseg stack is not installed")
+    from mmengine.config import Config
+
+    from promptmatch.mmseg import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = Config(dict(find_unused_parameters=True))
+    runtime.prepare_distributed(cfg, "pytorch")
+    wrapper = cfg.model_wrapper_cfg
+    assert wrapper["type"] == "promptmatch.PromptDistributedDataParallel"
+    assert wrapper["broadcast_buffers"] is False
+    assert wrapper["find_unused_parameters"] is True

@@ -138,7 +138,10 @@ def prepare_distributed(cfg: Config, launcher: str) -> None:
         wrapper = dict(cfg.get("model_wrapper_cfg") or {})
         if wrapper.get("type", "MMDistributedDataParallel") == "MMDistributedDataParallel":
             wrapper["type"] = "promptmatch.PromptDistributedDataParallel"
-            cfg.model_wrapper_cfg = wrapper
+        # the same DDP settings as on CPUs: DDP's own defaults (find_unused_parameters=False)
+        # fail at the second iteration when a trainable parameter gets no gradient
+        _ddp_defaults(wrapper, cfg)
+        cfg.model_wrapper_cfg = wrapper
         return
     import torch.distributed as dist
 
@@ -149,11 +152,17 @@ def prepare_distributed(cfg: Config, launcher: str) -> None:
         dist.init_process_group(backend="gloo")
     wrapper = dict(cfg.get("model_wrapper_cfg") or {})
     wrapper["type"] = "promptmatch.CPUDistributedDataParallel"
-    wrapper.setdefault("broadcast_buffers", False)
-    wrapper.setdefault("find_unused_parameters", cfg.get("find_unused_parameters", False))
+    _ddp_defaults(wrapper, cfg)
     cfg.model_wrapper_cfg = wrapper
     print_log(f"promptmatch: CPU distributed run, rank {dist.get_rank()} of {dist.get_world_size()} (gloo)",
               logger="current", level=logging.INFO)
+
+
+def _ddp_defaults(wrapper: dict, cfg: Config) -> None:
+    """DDP settings of promptmatch runs, unless the config sets them: the frozen backbone's
+    buffers are never broadcast, and ``find_unused_parameters`` follows the config."""
+    wrapper.setdefault("broadcast_buffers", False)
+    wrapper.setdefault("find_unused_parameters", cfg.get("find_unused_parameters", False))
 
 
 def add_prompt_hook(cfg: Config) -> None:
