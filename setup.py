@@ -26,6 +26,12 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        "pillow",
+        # the main job on a user's folder: training through mmengine's Runner (pure Python; no
+        # mmcv), LoRA/DoRA through peft, the benchmark report's plots
+        "mmengine==0.10.7",
+        "peft>=0.21,<0.22",
+        "matplotlib",
     ],
     extras_require={
         # mmcv 2.1.0 must be built from source with ops (no wheels on PyPI):

@@ -8,6 +8,7 @@ rely on; :class:`PromptedCore` implements it once for both segmentors.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, \
     Union, runtime_checkable
@@ -19,6 +20,8 @@ from .methods import MethodConfig, TuningMethod, build_method, get_method
 from .staging import StagedBackbone, stage_backbone
 
 __all__ = ["PromptCheckpointable", "PromptedCore", "trainable_state_dict", "trainable_backbone_keys"]
+
+_logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -64,6 +67,20 @@ def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {
         k: v for k, v in model.state_dict().items() if not k.startswith("backbone.") or k in trainable_backbone
     }
+
+
+def _freeze_unreached(staged: StagedBackbone, method: str) -> None:
+    """Freeze the backbone parameters a method made trainable that the staged forward never
+    reaches (e.g. a ViT's final norm under ``bitfit`` or ``full``: the forward ends at the last
+    stage): they would never get a gradient, the optimiser would carry them for nothing, and
+    DDP fails at its second iteration on a trainable parameter without one."""
+    unreached = staged.unreached_parameters()
+    for _, p in unreached:
+        p.requires_grad_(False)
+    if unreached:
+        names = [n for n, _ in unreached]
+        _logger.info("%s: %d backbone parameter(s) after the last stage stay frozen (no gradient reaches them): %s",
+                     method, len(names), ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
 
 
 class PromptedCore:
@@ -129,6 +146,7 @@ class PromptedCore:
             self.method = build_method(method, stages, num_classes, method_cfg)
             self.method.attach(method_root if method_root is not None else backbone)
             attached = self.method
+            _freeze_unreached(staged, method)
             if then is not None:
                 then()
         except BaseException:

@@ -48,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._atomic import new_temporary
 from .onnx_check import (INPUT_NAME, OUTPUT_NAME, ExportError, check_image_size, compare_onnx, measure_latency,
-                         model_device, ort_session, random_images)
+                         on_cpu_float32, ort_session, random_images)
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -287,15 +288,6 @@ def _export_file(model: nn.Module, images: torch.Tensor, path: Path, opset: int,
                           f"{type(failure).__name__}: {msg}{hint}") from failure
 
 
-def _temp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the final file gets the usual mode
-    return Path(tmp)
-
-
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -321,7 +313,10 @@ def export_onnx(
     Args:
         model: a :class:`~promptmatch.PromptSegmentor` (or any module mapping normalised
             images (N, 3, H, W) to logits (N, K, H, W); wrap an mmseg model in
-            :class:`SegLogitsAtInputSize`).
+            :class:`SegLogitsAtInputSize`), on any device and in any float dtype: it is traced
+            and checked on the CPU in float32, onnxruntime's precision (a CUDA reference with
+            TF32 would differ by more than ``atol``), on a copy of its tensors; afterwards it
+            has its own tensors, device, dtype and train/eval mode back.
         path: the ``.onnx`` file; written atomically (a temporary file in the same folder,
             renamed once export and check succeeded), so a failure leaves any old file as is.
         image_size: (height, width) the graph is traced (and checked) at.
@@ -351,12 +346,16 @@ def export_onnx(
         raise ValueError(f"the export path must end in .onnx, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     what = _describe(model)
-    device = model_device(model)
+    # traced and checked on the CPU in float32, what onnxruntime runs: a model elsewhere (a GPU,
+    # with TF32) or in another dtype runs on a CPU float32 copy of its tensors meanwhile
+    device = torch.device("cpu")
     was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    tmp = _temp_path(path)
+    tmp = new_temporary(path)  # mode: the user's umask, as for any new file
+    on_cpu = contextlib.ExitStack()
     try:
+        on_cpu.enter_context(on_cpu_float32(model))
+        model.eval()
         example = random_images(1, size, seed, device)
         with torch.no_grad():
             try:
@@ -440,6 +439,7 @@ def export_onnx(
         raise
     finally:
         model.train(was_training)
+        on_cpu.close()  # the model's own tensors back
     report = ExportReport(
         path=path, opset=opset, dynamic=bool(dynamic), max_abs_diff=worst_diff if check else None,
         argmax_agreement=worst_agree if check else None, file_bytes=path.stat().st_size, image_size=size,

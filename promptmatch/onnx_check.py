@@ -7,11 +7,12 @@ both functions are importable from :mod:`promptmatch.export` as well.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import statistics
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from .measure import time_interleaved
 
 __all__ = ["ExportError", "INPUT_NAME", "OUTPUT_NAME", "compare_onnx", "measure_latency", "ort_session",
-           "random_images", "check_image_size", "model_device"]
+           "random_images", "check_image_size", "model_device", "on_cpu_float32", "no_tf32"]
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +48,50 @@ def model_device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
+def _is_cpu_float32(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32)
+
+
+@contextlib.contextmanager
+def on_cpu_float32(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, ``model`` runs on the CPU in float32: every parameter and buffer that is
+    elsewhere or in another float dtype holds a CPU float32 copy of its data (integer buffers
+    keep their dtype); afterwards each gets its own data back (device, dtype and values exact).
+
+    The tensors stay the same objects (only their ``.data`` is swapped), so hooks and closures
+    of tuning methods, and optimisers, keep working; a model on a GPU is never duplicated in
+    GPU memory. ONNX graphs are traced and checked this way: onnxruntime runs float32 on the
+    CPU, and a CUDA reference (TF32 matmuls and convolutions) or a half-precision one would
+    differ from it by more than the check's tolerance for reasons of its own. Not thread-safe:
+    nothing else may use the model meanwhile.
+    """
+    seen: Dict[int, torch.Tensor] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and not _is_cpu_float32(t):
+            seen[id(t)] = t
+    moved = [(t, t.data) for t in seen.values()]
+    try:
+        with torch.no_grad():
+            for t, data in moved:
+                t.data = data.to("cpu", torch.float32 if data.is_floating_point() else data.dtype)
+        yield model
+    finally:
+        for t, data in moved:
+            t.data = data
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions in full float32 (no TF32) inside the block."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def random_images(n: int, size: Tuple[int, int], seed: int, device: torch.device) -> torch.Tensor:
     """``n`` standard-normal images (n, 3, H, W), drawn on the CPU from ``seed``, on ``device``."""
     g = torch.Generator().manual_seed(seed)
@@ -71,10 +116,17 @@ def compare_onnx(
     model: nn.Module, path: PathLike, images: torch.Tensor, session: Any = None
 ) -> Tuple[float, float]:
     """Run ``model`` (eval, no grad) and the ONNX file on ``images``; return (max abs logit
-    difference, fraction of pixels whose argmax class agrees)."""
+    difference, fraction of pixels whose argmax class agrees).
+
+    The model runs where it is, on ``images`` moved to its device and float dtype, with TF32
+    off on CUDA; onnxruntime runs float32 on the CPU. :func:`promptmatch.export.export_onnx`
+    checks with the model on the CPU in float32 (:func:`on_cpu_float32`).
+    """
     sess = session if session is not None else ort_session(path)
-    with torch.no_grad():
-        ref = model(images).float().cpu()
+    ref_param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = images if ref_param is None else images.to(ref_param.device, ref_param.dtype)
+    with torch.no_grad(), no_tf32():
+        ref = model(x).float().cpu()
     got = torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: images.float().cpu().numpy()})[0])
     if tuple(got.shape) != tuple(ref.shape):
         raise ExportError(f"the ONNX graph returns logits of shape {tuple(got.shape)} for input "

@@ -3,7 +3,8 @@
 A record is a ``.safetensors`` file whose metadata holds a JSON document under one key
 (:data:`PROMPT_METADATA_KEY` for prompt checkpoints, :data:`SEGMENTOR_METADATA_KEY` for merged
 segmentor files) with a checksum of the tensors. This module writes records atomically (with an
-optional ``.json`` copy of the document), reads their metadata, loads their tensors checked
+optional ``.json`` copy of the document; :mod:`promptmatch._atomic`: new files get the mode the
+umask gives, 0644 typically), reads their metadata, loads their tensors checked
 against the checksum, refuses tensors holding NaN/inf, and reads plain weights files without
 unpickling code. It knows nothing of models; the error classes are the callers'.
 """
@@ -12,14 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Type, Union
 
 import torch
 
+from ._atomic import atomic_write_bytes
 from .divergence import NonFiniteError, non_finite_tensors
 
 __all__ = [
@@ -52,55 +51,6 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-_PID_IN_TMP = re.compile(r"\.pid(\d+)\.")
-_STALE_AFTER_S = 3600.0
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files that an earlier, killed write of ``path`` left behind: those of a
-    process that no longer runs on this machine, or older than an hour."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        m = _PID_IN_TMP.search(tmp.name[len(path.name) + 1:])
-        stale = False
-        if m is not None:
-            # os.kill(pid, 0) answers "does this process exist" only by raising
-            try:
-                os.kill(int(m.group(1)), 0)
-            except ProcessLookupError:
-                stale = True
-            except (PermissionError, OverflowError, OSError):
-                pass
-        try:
-            stale = stale or time.time() - tmp.stat().st_mtime > _STALE_AFTER_S
-            if stale:
-                tmp.unlink()
-        except FileNotFoundError:  # another writer removed it first
-            pass
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
-
-    Temporary files left by an earlier write that was killed are removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def check_suffix(path: PathLike, kind: str) -> Path:

@@ -57,8 +57,10 @@ def train_segmentor(
     step then). ``channels_last`` converts the model and every batch to channels-last
     memory format; ``compile`` runs ``model.loss`` (forward and loss) through
     ``torch.compile`` while the optimiser and the divergence checks use ``model`` itself.
+
+    Batches go to ``device`` (default: the model's), in the model's float dtype.
     """
-    device = device or torch.device("cpu")
+    device, dtype = _model_place(model, device)
     check_amp(amp, device.type)  # an unusable amp fails before any work
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     if channels_last:
@@ -82,7 +84,7 @@ def train_segmentor(
             x, y = x.flip(-1), y.flip(-1)
         if torch.rand((), generator=g) < 0.5:
             x, y = x.flip(-2), y.flip(-2)
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, dtype if x.is_floating_point() else None), y.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         watch.start()
@@ -131,6 +133,15 @@ def train_segmentor(
     return {"times": times, "losses": losses, "skipped": list(guard.skipped)}
 
 
+def _model_place(model: nn.Module, device: Optional[torch.device]) -> Tuple[torch.device, Optional[torch.dtype]]:
+    """``device`` (default: that of the model's first parameter, else the CPU) and the model's
+    float dtype (``None`` when it has no float parameter)."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if device is None:
+        device = first.device if first is not None else torch.device("cpu")
+    return torch.device(device), (first.dtype if first is not None else None)
+
+
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, k: int, ignore: int = 255) -> torch.Tensor:
     """K x K counts of (label, prediction) pairs over pixels whose label is not ``ignore``."""
     keep = label != ignore
@@ -166,9 +177,10 @@ def evaluate_segmentor(
     Predictions come from :func:`promptmatch.predict` with ``mode``, ``crop``, ``stride`` and
     ``amp`` (``mode="slide"`` is mmseg's sliding-window inference; images of a size the
     backbone does not take are padded and cropped back); ``channels_last`` converts the model
-    and the images to channels-last memory format.
+    and the images to channels-last memory format. ``device``: where the images go (default:
+    the model's).
     """
-    device = device or torch.device("cpu")
+    device = _model_place(model, device)[0]
     check_amp(amp, device.type)
     model.eval()
     if channels_last:

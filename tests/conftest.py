@@ -27,7 +27,30 @@ FAMILY_IDS = [f[0] for f in FAMILIES]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower integration tests (CI runs them too)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped where torch.cuda.is_available() is False")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def cuda_unavailable_reason():
+    """Why the ``cuda`` tests cannot run here, or ``None`` when a CUDA GPU is usable."""
+    if not torch.cuda.is_available():
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = " (CUDA_VISIBLE_DEVICES is empty)" if hidden is not None and not hidden.strip() else ""
+        return (f"CUDA is not available{why}: torch {torch.__version__} sees no GPU; the cuda tests run on a "
+                "GPU machine (bash tools/gpu_check.sh, or pytest -m cuda there)")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, where no CUDA GPU is usable."""
+    reason = None
+    for item in items:
+        if item.get_closest_marker("cuda") is None:
+            continue
+        reason = reason or cuda_unavailable_reason()
+        if reason is None:
+            return
+        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(params=FAMILIES, ids=FAMILY_IDS)

@@ -300,7 +300,17 @@ def test_cell_keys_of_every_source_are_pinned():
         "settings": {"steps": 3}})
     assert [bm.get_source(d["source"]).key_part(d) for d in spec.datasets] == [
         "f@66f03bad", "m@ef35d8c4", "texture_mosaic"]
+    # a folder's engine by default: "runner" since the folder engine (before: "mmengine", whose
+    # keys a spec reaches again with "engine": "mmengine")
     assert bm.expand_grid(spec)[0].key == (
+        '{"backbone":{"kwargs":{},"name":"test_resnet","weights":null},"dataset":"f@66f03bad","method":"linear",'
+        '"seed":0,"settings":{"batch":8,"decoder":"linear","decoder_cfg":null,"engine":"runner","eval_batch":16,'
+        '"image_size":null,"latency_images":8,"lr":0.0001,"steps":3,"warmup":5}}')
+    pinned = bm.validate_spec({
+        "name": "g", "methods": ["linear"], "backbones": ["test_resnet"],
+        "datasets": [{"name": "f", "folder": "/nonexistent/f", "classes": ["a", "b"], "reduce_zero_label": True}],
+        "settings": {"steps": 3, "engine": "mmengine"}})
+    assert bm.expand_grid(pinned)[0].key == (
         '{"backbone":{"kwargs":{},"name":"test_resnet","weights":null},"dataset":"f@66f03bad","method":"linear",'
         '"seed":0,"settings":{"batch":8,"decoder":"linear","decoder_cfg":null,"engine":"mmengine","eval_batch":16,'
         '"image_size":null,"latency_images":8,"lr":0.0001,"steps":3,"warmup":5}}')

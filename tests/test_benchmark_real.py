@@ -588,7 +588,9 @@ def test_bf16_on_cpu_both_engines(folder, tmp_path):
 @pytest.mark.slow
 def test_torchrun_trains_mmengine_cells_data_parallel(folder, tmp_path):
     """Under torchrun (2 CPU processes, gloo) mmengine cells train with mmengine's DDP over both
-    processes; memory cells run on rank 0 alone; rank 0 writes one record per cell."""
+    processes; memory cells run on rank 0 alone; rank 0 writes one record per cell. The
+    processes see no GPU, so this is the CPU path on a GPU machine too (the NCCL run is
+    tests/test_cuda.py's)."""
     pytest.importorskip("mmseg")
     spec = {"name": "dist", "methods": ["linear", "spm"], "backbones": ["test_resnet"],
             "datasets": [{"name": "mine", "folder": str(folder)}],
@@ -600,7 +602,7 @@ def test_torchrun_trains_mmengine_cells_data_parallel(folder, tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # gloo, also where GPUs exist
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29547", "-m", "promptmatch.benchmark", "--spec", str(path),
                            "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True,
@@ -612,6 +614,7 @@ def test_torchrun_trains_mmengine_cells_data_parallel(folder, tmp_path):
     for rec in recs:
         _ok(rec)
         assert rec["world_size"] == (2 if rec["engine"] == "mmengine" else 1)
+        assert rec["device"].startswith("cpu") and rec["peak_mem_kind"].startswith("cpu"), rec["device"]
     logs = "".join(p.read_text() for p in (out / "cells").glob("*/*/*.log"))
     assert "promptmatch.CPUDistributedDataParallel" in logs and "Distributed training: True" in logs
     assert (out / "report.md").is_file()

@@ -1,4 +1,8 @@
-"""Real multi-process training on the CPU: torchrun + gloo through tools/dist_train.sh."""
+"""Real multi-process training on the CPU: torchrun + gloo through tools/dist_train.sh.
+
+The processes see no GPU (``CUDA_VISIBLE_DEVICES=""``), so the test means the same on a GPU
+machine: with GPUs visible the library takes NCCL and one GPU per process (two processes on a
+one-GPU machine cannot do that); the NCCL run is tests/test_cuda.py's."""
 from __future__ import annotations
 
 import json
@@ -37,7 +41,8 @@ def test_two_process_training_on_cpu(tmp_path):
     res = run(
         ["bash", "tools/dist_train.sh", str(dist_cfg), "2", "--work-dir", str(work)],
         env_extra={"PYTHON": python(), "PORT": str(_free_port()), "MASTER_ADDR": "127.0.0.1",
-                   "PYTHONPATH": str(Path(__file__).parent)},
+                   "PYTHONPATH": str(Path(__file__).parent),
+                   "CUDA_VISIBLE_DEVICES": ""},  # gloo on CPUs, also on a GPU machine
         timeout=900,
     )
     log = res.stdout + res.stderr

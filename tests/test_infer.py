@@ -1,5 +1,7 @@
-"""tools/infer.py end to end: train tiny prompts with tools/train.py, then write a mask and
-an overlay per image (single file and folder), with the dataset's palette; clear errors."""
+"""tools/infer.py end to end: train tiny prompts with tools/train.py, then write a class-index
+PNG, a mask and an overlay per image (single file and folder), with the dataset's palette;
+unreadable images skipped and listed (exit status 1) or, with --strict, the run refused; clear
+errors."""
 from __future__ import annotations
 
 import json
@@ -80,8 +82,42 @@ def test_infer_folder_and_file(trained):
     single = tmp / "single"
     res = run([python(), "tools/infer.py", str(cfg), str(prompts), "--images", str(val / "1.png"), "--out-dir", str(single)])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert sorted(p.name for p in single.glob("*.png")) == ["1_mask.png", "1_overlay.png"]
+    assert sorted(p.name for p in single.glob("*.png")) == ["1_labels.png", "1_mask.png", "1_overlay.png"]
     assert np.array_equal(np.asarray(Image.open(single / "1_mask.png")), np.asarray(Image.open(out / "1_mask.png")))
+    # the class-index PNG holds the indices of the mask's colours
+    labels = np.asarray(Image.open(single / "1_labels.png"))
+    assert Image.open(single / "1_labels.png").mode == "P" and labels.max() < len(PALETTE)
+    assert np.array_equal(PALETTE[labels], np.asarray(Image.open(single / "1_mask.png")))
+
+
+def test_infer_skips_unreadable_images_and_strict_refuses(trained, tmp_path):
+    from PIL import Image
+
+    tmp, cfg, prompts, data_root = trained
+    folder = tmp_path / "images"
+    shutil.copytree(data_root / "img_dir" / "val", folder)
+    good = sorted(p.stem for p in folder.glob("*.png"))
+    buf = (folder / "z_broken.jpg")
+    Image.open(folder / "0.png").convert("RGB").resize((64, 64)).save(buf, quality=90)
+    buf.write_bytes(buf.read_bytes()[: buf.stat().st_size // 2])  # truncated: OpenCV fills it with grey
+    (folder / "y_text.png").write_text("not an image")
+
+    refused = tmp_path / "refused"
+    res = run([python(), "tools/infer.py", str(cfg), str(prompts), "--images", str(folder), "--out-dir",
+               str(refused), "--strict"])
+    assert res.returncode == 1
+    assert "--strict: 2 of" in res.stderr and "z_broken.jpg" in res.stderr and "y_text.png" in res.stderr
+    assert not refused.exists()
+
+    out = tmp_path / "out"
+    res = run([python(), "tools/infer.py", str(cfg), str(prompts), "--images", str(folder), "--out-dir", str(out),
+               "--outputs", "labels", "overlay"])
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-5000:]
+    assert f"segmented {len(good)} image(s)" in res.stdout
+    assert "2 of" in res.stderr and "could not be read and were skipped" in res.stderr
+    assert "z_broken.jpg: image file is truncated" in res.stderr and "y_text.png: not an image file" in res.stderr
+    want = sorted(f"{s}_{k}.png" for s in good for k in ("labels", "overlay"))
+    assert sorted(p.name for p in out.glob("*.png")) == want
 
 
 def test_infer_default_images_are_the_test_split(trained, tmp_path):

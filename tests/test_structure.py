@@ -22,7 +22,7 @@ LAYERS: Dict[str, int] = {
     "promptmatch.version": 0, "promptmatch.constants": 0, "promptmatch._locking": 0,
     "promptmatch._wheels": 0, "promptmatch.records": 0, "promptmatch.measure": 0,
     "promptmatch.stack": 0, "promptmatch.divergence": 0, "promptmatch.visualize": 0,
-    "promptmatch.weights": 0,
+    "promptmatch.weights": 0, "promptmatch._atomic": 0,
     # 1 model plumbing
     "promptmatch.staging": 1, "promptmatch.backbones": 1, "promptmatch.inference": 1,
     # 2 plug-ins
@@ -34,10 +34,12 @@ LAYERS: Dict[str, int] = {
     # 4 data, 5 the mmseg integration, 6 the benchmark
     "promptmatch.datasets": 4,
     "promptmatch.mmseg": 5, "promptmatch.registry": 5,
+    # 5 the folder engine (mmengine's Runner without mmcv/mmseg): beside the mmseg integration
+    "promptmatch.engine": 5,
     "promptmatch.benchmark": 6,
     # 7 entry points
     "promptmatch.demo": 7, "promptmatch.predict_cli": 7, "promptmatch.export_cli": 7,
-    "promptmatch.tools": 7,
+    "promptmatch.tools": 7, "promptmatch.train": 7, "promptmatch.test": 7,
 }
 
 

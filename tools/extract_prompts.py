@@ -9,7 +9,19 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from promptmatch.mmseg.cli.extract_prompts import main  # noqa: E402
+USAGE = """\
+usage: tools/extract_prompts.py CONFIG CHECKPOINT OUT [--cfg-options K=V ...] [-h | --help]
+
+Extract the prompt checkpoint (.safetensors) from an mmengine Runner checkpoint (.pth) of a
+prompted model trained from an mmseg config (needs the mmseg stack). Runs of the folder engine
+(tools/train.py --folder) write their prompt checkpoint themselves.
+"""
+
+from promptmatch.tools._common import run_mmseg_tool  # noqa: E402
+
+
+def main() -> int:
+    return run_mmseg_tool("promptmatch.mmseg.cli.extract_prompts", USAGE)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,20 +1,19 @@
 #!/usr/bin/env python
-"""Segment images: a colour-coded mask and an overlay per image.
+"""Segment images: per image a class-index PNG, a colour-coded mask and an overlay.
 
     python tools/infer.py CONFIG PROMPTS [--images PATH] [...]     # an mmseg config + prompt checkpoint
     python tools/infer.py --segmentor FILE --images PATH [...]     # a merged segmentor file, no mmseg
 
-Thin wrappers around :mod:`promptmatch.mmseg.cli.infer` and :mod:`promptmatch.predict_cli`
-(``python -m ...`` does the same from any directory); run with ``--help`` for the options.
+A thin wrapper around :func:`promptmatch.predict_cli.infer_main`, which hands the first form to
+:mod:`promptmatch.mmseg.cli.infer` and the second to :mod:`promptmatch.predict_cli` (``python -m
+...`` does the same from any directory); run with ``--help`` for the options (no mmseg needed).
 """
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from promptmatch.predict_cli import infer_main  # noqa: E402
+
 if __name__ == "__main__":
-    if any(a == "--segmentor" or a.startswith("--segmentor=") for a in sys.argv[1:]):
-        from promptmatch.predict_cli import main
-    else:
-        from promptmatch.mmseg.cli.infer import main
-    sys.exit(main())
+    sys.exit(infer_main())

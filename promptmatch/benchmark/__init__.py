@@ -12,14 +12,17 @@ rankings of the methods and Kendall's tau-b between rankings.
 
 Modules: :mod:`.spec` (specs, cells, profiles), :mod:`.entries` (typed method, backbone and
 setting entries), :mod:`.sources` (dataset sources: one registered :class:`DataSource` per
-kind of dataset entry), :mod:`.data` (the spec's datasets), :mod:`.store` (results file, run
-lock), :mod:`.cell` and :mod:`.mmseg_cell` (one cell on the in-memory or the mmengine engine),
-:mod:`.common` (what both cell engines share), :mod:`.runner` (the grid), :mod:`.report`, :mod:`.cli`.
+kind of dataset entry), :mod:`.data` (the spec's datasets), :mod:`.validation` (everything a run
+will meet, checked before it trains: the data and each cell's settings), :mod:`.store` (results
+file, run lock), :mod:`.cell` and :mod:`.mmseg_cell` (one cell on the in-memory or the mmengine
+engine), :mod:`.common` (what both cell engines share), :mod:`.runner` (the grid),
+:mod:`.report` and :mod:`.plots`, :mod:`.cli`.
 
 Python API::
 
     spec = load_spec(profile_path("quick"))               # or load_spec(path), validate_spec(dict)
     cells = expand_grid(spec)
+    check_run(spec).problems                              # what --validate lists (a run refuses on them)
     run_benchmark(spec, "work_dirs/bench")                # resumable
     write_report("work_dirs/bench")                       # from results.jsonl alone
 """
@@ -50,6 +53,7 @@ from .data import DataProblemsError, check_spec_data
 from .entries import BackboneEntry, MethodEntry
 from .sources import DatasetEntry, DataSource, get_source, list_sources, register_source, unregister_source
 from .store import BenchmarkLockedError, OutputLock, ResultStore
+from .validation import RunCheck, check_run
 
 __all__ = [
     "BenchmarkSpec",
@@ -76,6 +80,8 @@ __all__ = [
     "MethodEntry",
     "BackboneEntry",
     "check_spec_data",
+    "check_run",
+    "RunCheck",
     "cell_dir",
     "profile_path",
     "list_profiles",

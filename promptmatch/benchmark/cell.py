@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from promptmatch.measure import reset_cuda_peak, run_python
 
-from .common import eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median, weights_for
+from .common import (eval_precision, eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median,
+                     weights_for)
 from .spec import Cell, method_lrs, settings_label
 
 __all__ = ["RECORD_VERSION", "run_cell", "run_cell_in_child", "error_record", "record_head", "sweep_lr",
@@ -82,17 +83,18 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
     """Train and evaluate one cell in this process and return its record.
 
     The cell's engine (setting ``engine``) decides how: ``memory`` trains in this process on
-    tensors (offline datasets and small folders); ``mmengine`` builds an mmseg config and runs
-    it through mmengine's Runner (:mod:`.mmseg_cell`), writing the config, logs and prompt
-    checkpoint under ``work_dir``.
+    tensors (offline datasets and small folders); ``runner`` streams a folder through
+    promptmatch's folder engine on mmengine's Runner (:mod:`.folder_cell`, no mmcv);
+    ``mmengine`` builds an mmseg config and runs it through mmengine's Runner
+    (:mod:`.mmseg_cell`), writing the config, logs and prompt checkpoint under ``work_dir``.
 
     With an lr sweep (a setting's ``lr`` mapping), each of the method's learning rates is
     tried on the training split minus a held-out part (``holdout``), the best on the held-out
     part is chosen (a diverged trial is worst), and the cell trains on the whole training
     split with it; the record holds ``lr_trials`` and ``lr_chosen``.
 
-    ``launcher="pytorch"`` (under ``torchrun``, every process calls this): the mmengine
-    engine trains and evaluates data-parallel over the process group.
+    ``launcher="pytorch"`` (under ``torchrun``, every process calls this): the runner and
+    mmengine engines train and evaluate data-parallel over the process group.
 
     A method that does not apply to the backbone (:class:`~promptmatch.MethodNotApplicableError`)
     gives a record with ``status: "skipped"`` and the reason; every other exception propagates
@@ -114,11 +116,18 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
         torch.set_num_threads(cell.threads)
     device = torch.device("cuda" if cell.device == "cuda" or (cell.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    rec["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"the cell asks for device 'cuda' (the spec's device), but torch {torch.__version__} sees no "
+                           "CUDA GPU here; run it on a GPU machine, or set the spec's device to 'cpu' or 'auto'")
+    rec["device"] = _device_label(device)
     if rec["engine"] == "mmengine":
         from .mmseg_cell import MmengineEngine
 
         engine: Any = MmengineEngine(cell, device, Path(work_dir) if work_dir else None, launcher)
+    elif rec["engine"] == "runner":
+        from .folder_cell import RunnerEngine
+
+        engine = RunnerEngine(cell, device, Path(work_dir) if work_dir else None, launcher)
     else:
         engine = MemoryEngine(cell, device, Path(work_dir) if work_dir else None)
     try:
@@ -136,7 +145,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
                 rec.update(status="diverged", reason="every lr of the sweep diverged: " + "; ".join(
                     f"lr {t['lr']:g}: {t.get('reason', '')}" for t in trials), diverged_at_step=None,
                     diverged_loss=None, diverged_lr=last["lr"], diverged_what="sweep", skipped_steps=[],
-                    wall_s=time.perf_counter() - t_start, versions=_versions())
+                    wall_s=time.perf_counter() - t_start, versions=_versions(), device=_device_label(engine.device))
                 return rec
             rec["lr_chosen"] = lr
         rec.update(engine.final(lr))
@@ -149,8 +158,19 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
         rec.update(diverged_fields(e))
     else:
         rec["status"] = "ok"
+    rec["device"] = _device_label(engine.device)  # where the model ran (an mmengine Runner chooses for itself)
     rec.update(wall_s=time.perf_counter() - t_start, versions=_versions())
     return rec
+
+
+def _device_label(device: Any) -> str:
+    """A record's ``device``: the GPU's name, or the CPU and its thread count."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
 
 
 class MemoryEngine:
@@ -244,6 +264,7 @@ class MemoryEngine:
                    loss_first=losses[0], loss_last=losses[-1], lr_used=lr)
         model.eval()
         out["miou"], out["per_class_iou"] = {}, {}
+        out["eval_precision"] = eval_precision(s)  # evaluate_segmentor and latency run under the setting's amp
         with torch.no_grad():
             for key, (x, y) in self.evals.items():
                 m, per_class, _ = self._evaluate(model, x, y)

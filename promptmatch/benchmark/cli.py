@@ -94,15 +94,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.validate or args.list:
         print(f"{spec.name}: valid; {len(cells)} cells ({len(spec.methods)} methods x {len(spec.backbones)} backbones "
               f"x {len(spec.datasets)} datasets x {len(spec.settings)} settings x {len(spec.seeds)} seeds)")
-        if args.validate:
-            from .data import check_spec_data
+        if args.validate:  # what a run checks before it trains anything: the data and every cell's settings
+            from .validation import check_run
 
-            problems = check_spec_data(spec, deep=True, progress=not args.no_progress)
-            if problems:
-                print(f"error: {len(problems)} data problem(s):\n  - " + "\n  - ".join(
-                    p.replace("\n", "\n    ") for p in problems), file=sys.stderr)
+            check = check_run(spec, cells, deep=True, progress=not args.no_progress)
+            for note in check.notes:
+                print(f"note: {note}")
+            if check.problems:
+                print(f"error: {check.headline()}:" + "".join(
+                    "\n  - " + p.replace("\n", "\n    ") for p in check.problems), file=sys.stderr)
                 return 2
-            print("data: every dataset is where the spec says and well-formed")
+            print("data: every dataset is where the spec says and well-formed; settings: every cell's resolve "
+                  "against the data, this machine and the installed packages")
         if args.list:
             for c in (cells if shard is None else cells[shard[0]::shard[1]]):
                 print(f"  {c.method:12s} {c.backbone['name']:24s} {c.dataset['name']:16s} "

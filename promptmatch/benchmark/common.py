@@ -9,7 +9,8 @@ from promptmatch.measure import MB, Timing, cuda_peak_bytes, peak_rss_bytes, tim
 
 from .spec import Cell
 
-__all__ = ["weights_for", "eval_sets", "peak_memory_fields", "peak_rss_mb", "latency_ms", "step_time_median"]
+__all__ = ["weights_for", "eval_sets", "eval_precision", "peak_memory_fields", "peak_rss_mb", "latency_ms",
+           "step_time_median"]
 
 
 def weights_for(backbone: Mapping[str, Any]) -> Tuple[Optional[str], bool, bool]:
@@ -35,16 +36,27 @@ def eval_sets(cell: Cell) -> List[Tuple[str, Mapping[str, Any], str]]:
     return out
 
 
+def eval_precision(settings: Mapping[str, Any]) -> str:
+    """The precision both engines evaluate (mIoU) and time (latency) a cell in, as its record
+    says: ``"bf16 autocast"`` / ``"fp16 autocast"`` under the setting's ``amp``, the precision
+    it trains in, else ``"float32"``."""
+    amp = settings.get("amp")
+    return f"{amp} autocast" if amp else "float32"
+
+
 def peak_rss_mb() -> float:
     """This process's lifetime peak RSS in MiB (``ru_maxrss``): the baseline of a CPU cell."""
     return peak_rss_bytes() / MB
 
 
-def peak_memory_fields(device: Any, baseline_mb: float) -> Dict[str, Any]:
-    """A record's peak-memory fields after training: the CUDA allocator's peak on a GPU, else
-    this process's peak RSS minus ``baseline_mb`` (the peak before the model was built)."""
+def peak_memory_fields(device: Any, baseline_mb: float, step_peak_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """A record's peak-memory fields after training: the CUDA allocator's peak on a GPU (the
+    larger of its peak now and ``step_peak_bytes``, the peak an engine read during training
+    where something resets the counter, as mmengine's logger does), else this process's peak
+    RSS minus ``baseline_mb`` (the peak before the model was built)."""
     if getattr(device, "type", None) == "cuda":
-        return dict(peak_mem_mb=cuda_peak_bytes(device) / MB, peak_mem_kind="cuda max_memory_allocated")
+        peak = max(cuda_peak_bytes(device), int(step_peak_bytes or 0))
+        return dict(peak_mem_mb=peak / MB, peak_mem_kind="cuda max_memory_allocated")
     peak = peak_rss_mb()
     return dict(peak_mem_mb=peak - baseline_mb, peak_mem_kind="cpu peak RSS - baseline", peak_rss_mb=peak,
                 baseline_rss_mb=baseline_mb)

@@ -8,26 +8,40 @@ Each entry is handled by its registered :class:`~promptmatch.benchmark.sources.D
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from .errors import SpecError
 from .sources import DataSource, folder_of, get_source, load_config_ref
 from .spec import BenchmarkSpec
 
-__all__ = ["DataProblemsError", "entry_classes", "entry_source", "folder_of", "memory_tensors", "load_config_ref",
-           "mmseg_dataset_config", "check_spec_data", "train_count"]
+__all__ = ["DataProblemsError", "problems_text", "entry_classes", "entry_source", "folder_of", "memory_tensors",
+           "load_config_ref", "mmseg_dataset_config", "check_spec_data", "train_count"]
 
 _logger = logging.getLogger(__name__)
 
 
 class DataProblemsError(SpecError):
-    """A spec's datasets are missing or malformed; ``problems`` lists every one found."""
+    """A spec's datasets are missing or malformed, or its settings do not resolve against the
+    data, the machine or the installed packages; ``problems`` lists every one found (the data's
+    first, then the settings')."""
 
-    def __init__(self, problems: List[str]):
-        self.problems = list(problems)
-        super().__init__(f"{len(self.problems)} data problem(s), nothing was trained:\n  - "
-                         + "\n  - ".join(p.replace("\n", "\n    ") for p in self.problems))
+    def __init__(self, problems: List[str], setting_problems: Sequence[str] = ()):
+        self.problems = list(problems) + list(setting_problems)
+        self._parts = (list(problems), list(setting_problems))
+        super().__init__(problems_text(problems, setting_problems) + ", nothing was trained:" + "".join(
+            "\n  - " + p.replace("\n", "\n    ") for p in self.problems))
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (type(self), self._parts)
+
+
+def problems_text(data: Sequence[str], settings: Sequence[str]) -> str:
+    """``N data problem(s)``, ``M problem(s) with the settings, ...`` or both, joined by "and"."""
+    parts = [f"{len(data)} data problem(s)"] if data else []
+    if settings:
+        parts.append(f"{len(settings)} problem(s) with the settings, this machine or the installed packages")
+    return " and ".join(parts) or "no problems"
 
 
 def entry_source(entry: Mapping[str, Any]) -> DataSource:
@@ -95,6 +109,9 @@ def check_spec_data(spec: BenchmarkSpec, deep: bool = True, progress: bool = Fal
             problems.extend(found)
         except SpecError as e:  # a source says what is wrong by raising; collect it with the rest
             problems.append(str(e))
+            classes[d["name"]] = None
+        except ImportError as e:  # e.g. an mmseg_config dataset without the mmseg stack
+            problems.append(f"dataset {d['name']!r} (source {d.get('source', 'offline')}) cannot be read: {e}")
             classes[d["name"]] = None
     sweeps = [st["holdout"] for st in spec.settings if isinstance(st.get("lr"), Mapping)]
     for d in spec.datasets:  # a training split with samples (and, for an lr sweep, one it can split)

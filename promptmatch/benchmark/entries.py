@@ -19,7 +19,7 @@ __all__ = ["MethodEntry", "BackboneEntry", "SETTING_DEFAULTS", "NEW_SETTINGS", "
 SETTING_DEFAULTS: Dict[str, Any] = {
     "decoder": "linear",
     "decoder_cfg": None,  # keyword arguments of the decoder, e.g. {"embed_dim": 64}
-    "image_size": None,  # None: the dataset's own size (memory) / 512 crops (mmengine); else the size
+    "image_size": None,  # None: the dataset's own size (memory) / 512 crops (mmengine, runner); else the size
     "steps": 100,
     "batch": 8,
     "lr": None,  # a number; a per-method sweep {"default": [..], "<method>": [..]}; None: the engine's default
@@ -28,8 +28,10 @@ SETTING_DEFAULTS: Dict[str, Any] = {
     "latency_images": 8,
     # added with the real-data benchmark; a cell key leaves them out while they hold these
     # defaults, so results recorded before stay valid
-    "engine": None,  # "memory" (in-process loop) or "mmengine" (mmengine's Runner); None: by dataset
-    "weight_decay": None,  # None: 0.01 (memory) / 0.05 (mmengine, the benchmarking recipe)
+    # "memory" (in-process loop), "runner" (promptmatch's folder engine on mmengine's Runner, no
+    # mmcv) or "mmengine" (mmseg's pipeline on mmengine's Runner); None: by dataset
+    "engine": None,
+    "weight_decay": None,  # None: 0.01 (memory) / 0.05 (runner, mmengine: the benchmarking recipe)
     "eval_mode": "whole",  # or "slide" (sliding-window inference with eval_crop / eval_stride)
     "eval_crop": None,
     "eval_stride": None,
@@ -37,13 +39,13 @@ SETTING_DEFAULTS: Dict[str, Any] = {
     "channels_last": False,
     "compile": False,
     "holdout": 0.2,  # fraction of the training split held out to choose a learning rate (lr sweeps)
-    "workers": 2,  # DataLoader workers (mmengine engine)
+    "workers": 2,  # DataLoader workers (runner and mmengine engines)
 }
 #: settings added after the first records: left out of a cell key while at their defaults
 NEW_SETTINGS = ("engine", "weight_decay", "eval_mode", "eval_crop", "eval_stride", "amp", "channels_last",
                 "compile", "holdout", "workers")
 _INT_SETTINGS = ("steps", "batch", "warmup", "eval_batch", "latency_images", "workers")
-_CHOICES = {"engine": (None, "memory", "mmengine"), "eval_mode": ("whole", "slide"), "amp": (None, "bf16", "fp16"),
+_CHOICES = {"engine": (None, "memory", "runner", "mmengine"), "eval_mode": ("whole", "slide"), "amp": (None, "bf16", "fp16"),
             "channels_last": (False, True), "compile": (False, True)}
 
 

@@ -8,14 +8,16 @@ and ``prompts.safetensors`` (the per-dataset prompt checkpoint). Learning-rate t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from promptmatch.measure import Stopwatch, reset_cuda_peak
+from promptmatch.measure import Stopwatch, cuda_peak_bytes, reset_cuda_peak
 
-from .common import eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median, weights_for
+from .common import (eval_precision, eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median,
+                     weights_for)
 from .data import entry_classes, load_config_ref, mmseg_dataset_config, train_count
 from .spec import ENGINE_WEIGHT_DECAY, Cell
 
@@ -193,19 +195,40 @@ def _release(runner: Any) -> None:
         torch.cuda.empty_cache()
 
 
-class _StepTimer:
-    """Wall time and loss of every training iteration (an mmengine hook, registered on the runner)."""
+def _device_peak_reader(device: Any) -> Callable[[], Optional[int]]:
+    """What reads ``device``'s peak memory in bytes: CUDA's allocator peak on a CUDA device,
+    nothing (``None``) elsewhere."""
+    if getattr(device, "type", None) == "cuda":
+        return lambda: cuda_peak_bytes(device)
+    return lambda: None
 
-    def __init__(self, device: Any):
+
+class _StepTimer:
+    """Wall time, loss and peak device memory of every training iteration (an mmengine hook,
+    registered on the runner).
+
+    The peak is read by ``peak_bytes`` (default: :func:`_device_peak_reader`) at the end of
+    every iteration, before mmengine's logger runs: the logger's ``get_max_cuda_memory``
+    resets CUDA's peak counter at every log interval, so one reading after training would
+    miss every iteration before the last reset. :attr:`peak` is the maximum (``None`` when
+    nothing was read, e.g. on the CPU).
+    """
+
+    #: before the LoggerHook (BELOW_NORMAL) at every iteration
+    PRIORITY = "VERY_HIGH"
+
+    def __init__(self, device: Any, peak_bytes: Optional[Callable[[], Optional[int]]] = None):
         from mmengine.hooks import Hook
 
         self.device = device
         self.times: List[float] = []
         self.losses: List[float] = []
         self.wall_s = float("nan")
+        self.peak: Optional[int] = None
+        self._peak_bytes = peak_bytes if peak_bytes is not None else _device_peak_reader(device)
         self._watch = Stopwatch(device)
         self._hook = type("BenchmarkStepTimer", (Hook,), {
-            "priority": "VERY_HIGH",
+            "priority": self.PRIORITY,
             "before_train_iter": lambda h, runner, batch_idx, data_batch=None: self._start(),
             "after_train_iter": lambda h, runner, batch_idx, data_batch=None, outputs=None: self._stop(outputs),
         })()
@@ -215,8 +238,50 @@ class _StepTimer:
 
     def _stop(self, outputs: Any) -> None:
         self.times.append(self._watch.stop())
+        peak = self._peak_bytes()
+        if peak is not None:
+            self.peak = int(peak) if self.peak is None else max(self.peak, int(peak))
         if isinstance(outputs, Mapping) and "loss" in outputs:
-            self.losses.append(float(outputs["loss"]))
+            loss = outputs["loss"]
+            self.losses.append(float(loss.detach() if hasattr(loss, "detach") else loss))
+
+
+def _model_of(runner: Any) -> Any:
+    """The model a Runner trains (inside its DDP wrapper, if any)."""
+    return runner.model.module if hasattr(runner.model, "module") else runner.model
+
+
+def _device_of(model: Any) -> Any:
+    """The device of ``model``'s first parameter."""
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _val_step_under(model: Any, amp: Optional[str], device_type: str) -> Iterator[None]:
+    """Inside the block, ``model.val_step`` runs under the autocast that ``amp`` names (none:
+    float32), as the in-memory engine evaluates.
+
+    mmengine's ``ValLoop`` calls ``val_step`` inside its own ``autocast(enabled=False)`` (it
+    autocasts only with ``fp16=True``, and then in float16): an autocast around the loop has
+    no effect on the model, one inside ``val_step`` has.
+    """
+    from promptmatch.inference import autocast_context
+
+    own = model.__dict__.get("val_step")
+    original = model.val_step
+
+    def val_step(*args: Any, **kwargs: Any) -> Any:
+        with autocast_context(amp, device_type):
+            return original(*args, **kwargs)
+
+    model.val_step = val_step
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.val_step  # the class's method again
+        else:
+            model.val_step = own
 
 
 class MmengineEngine:
@@ -243,22 +308,32 @@ class MmengineEngine:
     def _runner(self, work_dir: Path, lr: float, train_indices: Optional[List[int]] = None):
         from mmengine.runner import Runner
 
-        from promptmatch.mmseg.runtime import prepare_distributed
+        from promptmatch.mmseg.runtime import mmengine_device, prepare_distributed
 
         cfg = build_cell_config(self.cell, work_dir, lr, train_indices)
         work_dir.mkdir(parents=True, exist_ok=True)
         cfg.dump(str(work_dir / "config.py"))
         cfg.launcher = self.launcher
-        prepare_distributed(cfg, self.launcher)  # torchrun: mmengine's DDP (gloo on CPUs)
+        want = self.device.type
+        prepare_distributed(cfg, self.launcher, device=want)  # torchrun: mmengine's DDP (gloo on CPUs)
         cfg["experiment_name"] = f"pm-{work_dir.name}-{time.time_ns()}"
-        return Runner.from_cfg(cfg), cfg
+        # mmengine would put the model on any GPU it sees, a CPU cell's too
+        with mmengine_device(want):
+            runner = Runner.from_cfg(cfg)
+        got = _device_of(_model_of(runner))
+        if got.type != want:
+            _release(runner)
+            hint = "run it with the GPUs hidden (CUDA_VISIBLE_DEVICES=)" if want == "cpu" else "is a GPU visible here?"
+            raise RuntimeError(f"mmengine's Runner put the model of this {want} cell on {got}; {hint}")
+        self.device = got  # where it runs (the rank's GPU under torchrun), what the record says
+        return runner, cfg
 
     def _train(self, runner) -> _StepTimer:
         from promptmatch.divergence import DivergenceError
         from promptmatch.mmseg.runtime import trust_checkpoints_under
 
-        model = runner.model.module if hasattr(runner.model, "module") else runner.model
-        self.device = next(model.parameters()).device  # where mmengine put it (cuda when present)
+        model = _model_of(runner)
+        self.device = _device_of(model)  # where it runs
         timer = _StepTimer(self.device)
         runner.register_hook(timer._hook)
         t0 = time.perf_counter()
@@ -277,12 +352,11 @@ class MmengineEngine:
     def _evaluate(self, runner, dataset: Dict[str, Any], classes: List[str]) -> Tuple[float, Dict[str, Any], Any]:
         from mmengine.runner import ValLoop
 
-        from promptmatch.inference import autocast_context
-
         loop = ValLoop(runner, _loader(dataset, 1, int(self.cell.settings.get("workers", 2)), False),
                        dict(type="promptmatch.PerClassIoUMetric", iou_metrics=["mIoU"]))
         runner._val_loop = loop  # the hooks (timer, logger) read the runner's val loop
-        with autocast_context(self.cell.settings.get("amp"), self.device.type):  # as the memory engine
+        # in the precision the memory engine evaluates in (the setting's amp): see eval_precision
+        with _val_step_under(runner.model, self.cell.settings.get("amp"), self.device.type):
             metrics = loop.run()
         per_class = {}
         for name in classes:
@@ -323,13 +397,14 @@ class MmengineEngine:
         reset_cuda_peak(self.device)
         out: Dict[str, Any] = {"config_file": str(self.work_dir / "config.py"), "work_dir": str(self.work_dir)}
         self.partial = out  # what a diverged record keeps
-        model = runner.model.module if hasattr(runner.model, "module") else runner.model
+        model = _model_of(runner)
         rep = parameter_report(model)
         out.update(method_config=model.method.config.to_dict(), trainable_params=rep.trainable,
                    backbone_params=rep.backbone_total, trainable_pct=rep.percent_of_backbone(rep.trainable),
                    parameters=rep.as_dict())
         timer = self._train(runner)
-        out.update(peak_memory_fields(self.device, baseline_mb))
+        # the peak of every step (mmengine's logger resets CUDA's counter at each log interval)
+        out.update(peak_memory_fields(self.device, baseline_mb, step_peak_bytes=timer.peak))
         times = timer.times
         step_s = step_time_median(times, s["warmup"])
         world = _world_size()
@@ -339,6 +414,7 @@ class MmengineEngine:
                    loss_last=timer.losses[-1] if timer.losses else None, lr_used=lr,
                    skipped_steps=list(getattr(getattr(model, "divergence_guard", None), "skipped", []) or []))
         out["miou"], out["per_class_iou"] = {}, {}
+        out["eval_precision"] = eval_precision(s)
         first_loop = None
         for key, entry, split in eval_sets(self.cell):
             classes = self.classes if entry is self.cell.dataset else entry_classes(entry)

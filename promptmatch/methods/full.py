@@ -12,7 +12,9 @@ __all__ = ["FullFineTuneConfig", "FullFineTune"]
 
 @dataclass
 class FullFineTuneConfig(MethodConfig):
-    """End-to-end fine-tuning: every backbone parameter trains, BatchNorm statistics update.
+    """End-to-end fine-tuning: every backbone parameter the stages use trains, BatchNorm
+    statistics update. Parameters after the last stage (a ViT's final norm, a classifier
+    head) stay frozen: the staged forward never reaches them, so they would get no gradient.
 
     The encoder learning rate is the base learning rate times ``backbone_lr_mult`` (0.1),
     the protocol of Kerssies et al., *How to Benchmark Vision Foundation Models for Semantic

@@ -1,5 +1,6 @@
-"""What the tools need around an mmengine Runner: CPU distributed set-up, trusted resume,
-data-root checks, and loading the frozen backbone before prompts."""
+"""What the tools need around an mmengine Runner: CPU distributed set-up, the device a Runner
+puts its model on, trusted resume, data-root checks, and loading the frozen backbone before
+prompts."""
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +14,12 @@ import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
+from promptmatch.engine.device import mmengine_device  # noqa: F401  (re-exported: the mmseg engine uses it)
+
 __all__ = [
     "load_config",
     "prepare_distributed",
+    "mmengine_device",
     "trust_checkpoints_under",
     "check_data_roots",
     "DatasetMissingError",
@@ -129,12 +133,17 @@ def trust_checkpoints_under(directory: str) -> Iterator[None]:
         torch.load = original
 
 
-def prepare_distributed(cfg: Config, launcher: str) -> None:
+def prepare_distributed(cfg: Config, launcher: str, device: Optional[str] = None) -> None:
     """Make mmengine's distributed launch work on CPU-only machines (gloo, DDP without devices),
-    and give distributed runs the wrapper whose train step checks for divergence."""
+    and give distributed runs the wrapper whose train step checks for divergence.
+
+    ``device``: ``"cpu"`` takes the CPU set-up (gloo, no device ids) even where GPUs are
+    visible (build the Runner inside :func:`mmengine_device` then, so that the model stays on
+    the CPU); by default the GPU set-up is taken whenever CUDA is available.
+    """
     if launcher == "none":
         return
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and device != "cpu":
         wrapper = dict(cfg.get("model_wrapper_cfg") or {})
         if wrapper.get("type", "MMDistributedDataParallel") == "MMDistributedDataParallel":
             wrapper["type"] = "promptmatch.PromptDistributedDataParallel"

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._hooks import BoundaryFn, BoundaryHooks, HookedRun, run_to_last_stage
 from ._inputs import check_images, fixed_img_size, input_channels, patch_size
-from ._probe import probe_stages
+from ._probe import autograd_leaves, probe_sizes, probe_stages
 from ._stages import Stage, find_stages
 
 __all__ = ["StagedBackbone", "freeze_module", "stage_backbone"]
@@ -100,6 +100,44 @@ class StagedBackbone:
         """Put the backbone back in eval mode (call after any ``train()``)."""
         if self.frozen:
             self.model.eval()
+
+    def unreached_parameters(self) -> List[Tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter of the model that requires grad but that
+        no stage's features depend on: modules after the last stage (a ViT's final norm, a
+        classifier head), which the staged forward never runs, and anything else no gradient
+        from the features reaches. Such a parameter never gets a gradient (and DDP without
+        ``find_unused_parameters`` fails on it).
+
+        Found by one forward pass with autograd on a small input (every module in eval mode,
+        its own flags restored after), walking the graph without a backward pass. Empty when
+        nothing requires grad, under ``torch.inference_mode`` (no graph to walk), or when the
+        model runs on none of the probe's input sizes (a warning says so).
+        """
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not trainable or torch.is_inference_mode_enabled():
+            return []
+        ref = next((p for p in self.model.parameters() if p.is_floating_point()), trainable[0][1])
+        flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()  # no BatchNorm statistics change, no dropout
+        feats: Optional[List[torch.Tensor]] = None
+        try:
+            for size in probe_sizes(self.stages, self.probe_size, self.fixed_img_size, self.patch_size):
+                images = torch.zeros(1, self.in_chans or 3, *size, device=ref.device, dtype=ref.dtype)
+                try:
+                    with torch.enable_grad():
+                        feats = self.forward(images, check=False)
+                    break
+                except Exception as e:  # another size may work; none working is reported below
+                    _logger.debug("forward pass of %s at %s failed: %r", type(self.model).__name__, size, e)
+        finally:
+            for m, flag in flags:
+                m.training = flag
+        if feats is None:
+            _logger.warning("could not run %s on a probe input to find parameters no gradient reaches; "
+                            "all %d trainable ones stay trainable", type(self.model).__name__, len(trainable))
+            return []
+        reached = autograd_leaves(feats)
+        return [(n, p) for n, p in trainable if id(p) not in reached]
 
     # ------------------------------------------------------------------ input
     def check_input(self, images: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from ._hooks import StopForward, run_to_last_stage
 from ._layout import map_dims, map_layout, token_stride
 from ._stages import Stage, not_one_tensor_error
 
-__all__ = ["probe_stages"]
+__all__ = ["probe_stages", "probe_sizes", "autograd_leaves"]
 
 _logger = logging.getLogger(__name__)
 
@@ -76,6 +76,36 @@ def _probe_sizes(
     side = step * max(2, -(-64 // step))  # at least 64 px and two cells of the largest stride
     small = (side, side)
     return [small] if small == probe_size else [small, probe_size]
+
+
+def probe_sizes(
+    stages: Sequence[Stage],
+    probe_size: Tuple[int, int],
+    fixed_img_size: Optional[Tuple[int, int]] = None,
+    patch_size: Optional[Tuple[int, int]] = None,
+) -> List[Tuple[int, int]]:
+    """The input sizes a probe of stages with known strides tries, smallest first."""
+    return _probe_sizes(stages, False, probe_size, fixed_img_size, patch_size)
+
+
+def autograd_leaves(outputs: Iterable[torch.Tensor]) -> Set[int]:
+    """``id()`` of every leaf tensor that requires grad and that ``outputs`` depend on through
+    autograd (what a backward pass from them would give a gradient), found by walking the
+    graph without running it."""
+    outs = [t for t in outputs if isinstance(t, torch.Tensor)]
+    leaves = {id(t) for t in outs if t.requires_grad and t.grad_fn is None}  # outputs that are leaves
+    seen: Dict[int, object] = {}  # holds the nodes, so that no id is reused while walking
+    stack = [t.grad_fn for t in outs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        var = getattr(node, "variable", None)  # AccumulateGrad: the leaf it feeds
+        if isinstance(var, torch.Tensor):
+            leaves.add(id(var))
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return leaves
 
 
 def _stage_outputs(

@@ -37,3 +37,24 @@ def write_result(path: Union[str, os.PathLike], result: Any) -> None:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
+
+
+def run_mmseg_tool(module: str, usage: str, argv: Optional[list] = None) -> int:
+    """Run the mmseg command-line tool ``module`` (``promptmatch.mmseg.cli.<name>``); without the
+    mmseg stack, ``-h``/``--help`` prints ``usage`` (the options, and what needs no mmseg) and
+    anything else exits with the set-up command."""
+    import importlib
+    import sys
+
+    from promptmatch.stack import mmseg_stack_error
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    error = mmseg_stack_error()
+    if error is None:
+        return importlib.import_module(module).main(args)
+    if any(a in ("-h", "--help") for a in args):
+        print(usage.strip())
+        print(f"\nThe mmseg stack is not installed here ({error.__cause__}); this form needs it:\n"
+              "  bash tools/setup_env.sh --mmseg")
+        return 0
+    raise SystemExit(f"error: this form needs the mmseg stack. {error}")

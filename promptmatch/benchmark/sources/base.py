@@ -153,6 +153,12 @@ class DataSource:
         A :class:`SpecError` raised here is recorded as a problem."""
         return [], self.classes(entry)
 
+    def native_size_problem(self, entry: Mapping[str, Any], split: str) -> Optional[str]:
+        """Why the in-memory engine cannot load ``split`` at the images' own size (a setting's
+        ``image_size`` null), e.g. images of several sizes; None when it can. Called before
+        any training, after the data checks (data that cannot be read is reported there)."""
+        return None
+
     def train_count(self, entry: Mapping[str, Any]) -> int:
         """The number of samples in the training split."""
         raise NotImplementedError(f"the {self.name} source cannot count its training split")

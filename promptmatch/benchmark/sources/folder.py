@@ -57,6 +57,7 @@ class FolderSource(DataSource):
 
     name = "folder"
     entry_class = FolderEntry
+    default_engine = "runner"  # promptmatch's folder engine: mmengine's Runner, no mmcv
 
     def classes(self, entry: Mapping[str, Any]) -> List[str]:
         return list(folder_of(entry).classes)
@@ -75,6 +76,21 @@ class FolderSource(DataSource):
             return problems, list(fd.classes)
         except FolderDatasetError as e:  # every problem of the folder, in one error
             return problems + [f"dataset {entry['name']!r}: {e}"], None
+
+    def native_size_problem(self, entry: Mapping[str, Any], split: str) -> Optional[str]:
+        from promptmatch.datasets.folder import FolderDatasetError, folder_image_sizes
+        from promptmatch.datasets.folder.check import sizes_listing
+
+        try:
+            sizes = folder_image_sizes(folder_of(entry), split)
+        except FolderDatasetError:  # reported by the data checks
+            return None
+        if len(sizes) <= 1:
+            return None
+        return (f"dataset {entry['name']!r}: the setting image_size is null (each image at its own size), but "
+                f"img_dir/{split} holds images of {len(sizes)} different sizes ({sizes_listing(sizes)}), and the "
+                "memory engine stacks a split at one size; set \"image_size\": <side> in the spec's settings (e.g. "
+                "\"image_size\": 256) to resize every image and mask to side x side, or bring the images to one size")
 
     def train_count(self, entry: Mapping[str, Any]) -> int:
         from promptmatch.datasets.folder import folder_pairs

@@ -18,6 +18,7 @@ means class ``v - 1`` (mmseg's rule); the ignore value itself stays "ignore".
   or unreadable files, size mismatches, colour masks, out-of-range labels), all reported in
   one :class:`FolderDatasetError`.
 - :func:`folder_pairs`: the ``(image, mask)`` files of one split.
+- :func:`folder_image_sizes`: the image sizes of one split, from the file headers.
 - :func:`load_folder_split`: one split as numpy arrays (for small in-memory benchmarks).
 - :func:`export_offline_as_folder`: write a built-in offline dataset in this layout (one
   writer, :func:`write_folder_dataset`, for it and ``render_offline_as_folder``).
@@ -29,7 +30,7 @@ used; Pillow and tqdm are imported when needed.
 from __future__ import annotations
 
 from ..offline.export import export_offline_as_folder
-from .check import check_folder_dataset, folder_pairs
+from .check import check_folder_dataset, folder_image_sizes, folder_pairs
 from .layout import FolderDataset, FolderDatasetError, describe_folder_dataset
 from .load import load_folder_split
 from .writer import write_folder_dataset
@@ -40,6 +41,7 @@ __all__ = [
     "check_folder_dataset",
     "describe_folder_dataset",
     "export_offline_as_folder",
+    "folder_image_sizes",
     "folder_pairs",
     "load_folder_split",
     "write_folder_dataset",

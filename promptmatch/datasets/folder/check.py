@@ -12,7 +12,7 @@ import numpy as np
 from ...constants import DATASET_IMAGE_SUFFIXES
 from .layout import FolderDataset, FolderDatasetError, _missing_root_problem
 
-__all__ = ["check_folder_dataset", "folder_pairs"]
+__all__ = ["check_folder_dataset", "folder_pairs", "folder_image_sizes", "sizes_listing"]
 
 _logger = logging.getLogger(__name__)
 
@@ -224,9 +224,20 @@ def folder_pairs(ds: FolderDataset, split: str) -> List[Tuple[Path, Path]]:
 
 
 # ----------------------------------------------------------------------------- file content
+def _shorten(text: str, limit: int) -> str:
+    """``text`` cut at the last word boundary before ``limit`` characters and ended with
+    ``...`` when longer (a word is cut only if it alone is longer than half the limit)."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit - 2)
+    if cut < limit // 2:
+        cut = limit - 3
+    return text[:cut].rstrip(" ,;:") + "..."
+
+
 def _describe_exc(exc: BaseException, path: Path) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace(str(path), path.name)
-    return text if len(text) <= 160 else text[:157] + "..."
+    text = " ".join(f"{type(exc).__name__}: {exc}".replace(str(path), path.name).split())
+    return _shorten(text, 160)
 
 
 def _map_labels(raw: np.ndarray, ds: FolderDataset) -> np.ndarray:
@@ -315,6 +326,34 @@ def _inspect_pair(ds: FolderDataset, split: str, img: Path, mask: Path, decode_m
         issues.append(_Issue("size", ann_w, ann_name,
                              f"mask {_size_str(mask_size)}, image {_size_str(img_size)}"))
     return issues
+
+
+def folder_image_sizes(ds: FolderDataset, split: str) -> Dict[Tuple[int, int], List[str]]:
+    """``{(width, height): [image files relative to img_dir/<split>]}`` of one split, read from
+    the file headers (nothing decoded); an image that cannot be read is left out (it is a
+    problem of its own: :func:`check_folder_dataset`).
+
+    Raises:
+        FolderDatasetError: the split's files do not pair up (see :func:`folder_pairs`).
+    """
+    from PIL import Image
+
+    sizes: Dict[Tuple[int, int], List[str]] = {}
+    for img, _ in folder_pairs(ds, split):
+        try:
+            with Image.open(img) as im:
+                size = tuple(im.size)
+        except Exception:  # anything PIL raises on a broken file: reported by the checks
+            continue
+        sizes.setdefault(size, []).append(img.relative_to(ds.img_dir(split)).as_posix())  # type: ignore[arg-type]
+    return sizes
+
+
+def sizes_listing(sizes: Dict[Tuple[int, int], List[str]]) -> str:
+    """``"64x64 (3 images, e.g. a.png), 48x32 (1 image, e.g. b.png)"``: the sizes of
+    :func:`folder_image_sizes`, the most common first."""
+    return ", ".join(f"{_size_str(s)} ({len(names)} image{'s' if len(names) != 1 else ''}, e.g. {names[0]})"
+                     for s, names in sorted(sizes.items(), key=lambda kv: (-len(kv[1]), kv[0])))
 
 
 def check_folder_dataset(ds: FolderDataset, check_labels: bool = True, progress: bool = False,

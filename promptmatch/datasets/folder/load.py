@@ -17,6 +17,7 @@ from .check import (
     _single_channel,
     _size_str,
     folder_pairs,
+    sizes_listing,
 )
 from .layout import FolderDataset, FolderDatasetError
 
@@ -89,10 +90,7 @@ def load_folder_split(ds: FolderDataset, split: str, size: Optional[int] = None
     if issues:
         raise FolderDatasetError(_format_issues(issues, ds, 5), ds.root)
     if len(sizes) > 1:
-        listing = ", ".join(f"{_size_str(s)} ({len(names)} image{'s' if len(names) != 1 else ''}, "
-                            f"e.g. {names[0]})"
-                            for s, names in sorted(sizes.items(), key=lambda kv: -len(kv[1])))
         raise FolderDatasetError(
-            [f"img_dir/{split}: the images have {len(sizes)} different sizes: {listing}; pass "
+            [f"img_dir/{split}: the images have {len(sizes)} different sizes: {sizes_listing(sizes)}; pass "
              f"size=<side> to resize every image to side x side"], ds.root)
     return np.stack(images), np.stack(labels)

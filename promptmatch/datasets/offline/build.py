@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -256,7 +255,10 @@ def build_offline_dataset(name: str, root: Optional[PathLike] = None, force: boo
             shutil.rmtree(stale, ignore_errors=True)
         for stale in root.glob(f".{spec.name}.old-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=root))
+        # a plain mkdir (not tempfile.mkdtemp, whose 0700 would stay on the dataset): the
+        # user's umask applies, as to any folder they make
+        tmp = root / f".{spec.name}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir(mode=0o777)
         t0 = time.perf_counter()
         try:
             meta = _build_into(spec, tmp)

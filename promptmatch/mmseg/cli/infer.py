@@ -1,7 +1,9 @@
-"""Segment images with a prompt checkpoint: per image, a colour-coded mask and an overlay.
+"""Segment images with a prompt checkpoint: per image a class-index PNG, a colour-coded mask
+and an overlay.
 
     python tools/infer.py CONFIG PROMPTS.safetensors [--images PATH] [--out-dir DIR]
-                          [--opacity 0.5] [--device cpu] [--cfg-options k=v ...]
+                          [--outputs labels mask overlay] [--strict] [--opacity 0.5]
+                          [--device cpu] [--cfg-options k=v ...]
 
 The model is built from the config, the frozen backbone's own pretrained weights are loaded
 (``init_cfg`` / the TimmBackbone weights file), then the prompts; prompts that belong to
@@ -11,11 +13,18 @@ data preprocessor, and are segmented as in testing (``model.test_cfg``: whole im
 sliding window); predictions are resized back to each image's own size.
 
 ``--images`` is an image file or a folder of images (default: the config's test images).
-For each image ``NAME.ext`` the tool writes ``NAME_mask.png`` (one colour per class) and
-``NAME_overlay.png`` (the image blended with the mask, ``--opacity`` of the mask) into
-``--out-dir`` (default ``work_dirs/<config name>/infer``), and ``palette.json`` (class name
--> colour). Colours are the dataset's palette (the config's test dataset metainfo) when it
-has one per class, otherwise a fixed palette.
+For each image ``NAME.ext`` the tool writes into ``--out-dir`` (default
+``work_dirs/<config name>/infer``) ``NAME_labels.png`` (each pixel's class index, a palette PNG:
+what a dataset folder's ``ann_dir`` takes back for training), ``NAME_mask.png`` (one colour per
+class) and ``NAME_overlay.png`` (the image blended with the mask, ``--opacity`` of the mask);
+``--outputs`` picks some. Also ``palette.json`` (class name -> colour). Colours are the
+dataset's palette (the config's test dataset metainfo) when it has one per class, otherwise a
+fixed palette. Each image's files are written (atomically) as soon as it is segmented.
+
+An image that cannot be read (a truncated file, not an image) is skipped with a warning and
+listed at the end, with exit status 1; ``--strict`` decodes every image first and refuses the
+run, naming each unreadable one. The options are :func:`promptmatch.visualize.infer_config_parser`'s
+(``tools/infer.py --help`` works without the mmseg stack).
 """
 from __future__ import annotations
 
@@ -33,27 +42,15 @@ import numpy as np
 from promptmatch.mmseg.inference import dataset_metainfo, test_dataset_cfg  # noqa: E402
 
 from promptmatch.visualize import (  # noqa: E402,F401  (their home; imported here by older callers)
-    IMAGE_SUFFIXES, blend, colorize, find_images, fixed_palette, make_palette, output_stems, write_mask_and_overlay,
-    write_palette,
+    IMAGE_SUFFIXES, MaskWriter, UnreadableImageError, blend, colorize, find_images, finish, fixed_palette,
+    infer_config_parser, make_palette, output_stems, read_checked_bytes, refuse_unreadable, segment_images,
+    write_mask_and_overlay, write_palette,
 )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments."""
-    from mmengine.config import DictAction
-
-    from promptmatch.visualize import opacity_arg as opacity
-
-    p = argparse.ArgumentParser(description="Segment images with a prompt checkpoint")
-    p.add_argument("config", help="config file of the model the prompts were trained with")
-    p.add_argument("checkpoint", help="prompt checkpoint (.safetensors) written by training, or an mmengine "
-                   "Runner checkpoint (.pth) of a prompted model")
-    p.add_argument("--images", help="an image file or a folder of images (default: the config's test images)")
-    p.add_argument("--out-dir", help="where to write the masks and overlays (default: work_dirs/<config>/infer)")
-    p.add_argument("--opacity", type=opacity, default=0.5, help="weight of the mask in the overlay, in [0, 1]")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override settings in the config")
-    return p.parse_args(argv)
+    return infer_config_parser(prog="promptmatch.mmseg.cli.infer").parse_args(argv)
 
 
 # ------------------------------------------------------------------ inputs
@@ -118,15 +115,28 @@ def segment(model: Any, pipeline: Any, image_bgr: np.ndarray) -> np.ndarray:
     return result.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)
 
 
+def read_rgb_as_mmcv(path: Path) -> np.ndarray:
+    """The image at ``path`` as mmcv reads it for the test pipeline (OpenCV, EXIF orientation
+    applied), in RGB, after Pillow has decoded all of it: OpenCV fills a truncated file with
+    grey instead of failing. :class:`UnreadableImageError` naming the file otherwise."""
+    import mmcv
+
+    data = read_checked_bytes(path)
+    image_bgr = mmcv.imfrombytes(data, flag="color")
+    if image_bgr is None:
+        raise UnreadableImageError(path, "OpenCV cannot decode it")
+    return mmcv.bgr2rgb(image_bgr)
+
+
 # -------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the tool; returns the exit status."""
+    """Run the tool; returns the exit status (0; 1 when an image was skipped)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from these tools
     args = parse_args(argv)
-    import mmcv
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
     from mmengine.config import Config
-    from mmengine.logging import print_log
 
     from promptmatch.checkpoint import read_prompt_metadata
 
@@ -152,6 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if source is None:
         raise SystemExit("error: the config names no test images; give an image file or folder with --images")
     images = find_images(source)
+    if args.strict:
+        refuse_unreadable(images)
     out_dir = Path(args.out_dir or osp.join("work_dirs", osp.splitext(osp.basename(args.config))[0], "infer"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -163,19 +175,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_palette(out_dir, names, palette)
 
-    written = []
-    for path, stem in zip(images, output_stems(images)):
-        image_bgr = mmcv.imread(str(path), flag="color")
-        if image_bgr is None:
-            raise SystemExit(f"error: cannot read image {str(path)!r}")
-        labels = segment(model, pipeline, image_bgr)
-        mask_path, overlay_path = write_mask_and_overlay(out_dir, stem, labels, mmcv.bgr2rgb(image_bgr), palette,
-                                                         args.opacity)
-        present = [names[i] for i in np.unique(labels)]
-        print_log(f"promptmatch: {path.name}: {', '.join(map(str, present))}", logger="current", level=logging.INFO)
-        written.append(dict(image=str(path), mask=str(mask_path), overlay=str(overlay_path)))
-    print(f"segmented {len(written)} image(s) with {args.checkpoint}; masks and overlays in {out_dir}")
-    return 0
+    def segment_rgb(path: Path, rgb: np.ndarray) -> np.ndarray:
+        return segment(model, pipeline, np.ascontiguousarray(rgb[:, :, ::-1]))
+
+    writer = MaskWriter(out_dir, palette, args.outputs, args.opacity)
+    written, skipped = segment_images(images, segment_rgb, writer, names, read=read_rgb_as_mmcv)
+    return finish(written, skipped, args.checkpoint, out_dir)
 
 
 if __name__ == "__main__":
