@@ -25,6 +25,7 @@ __all__ = [
     "grads_finite",
     "check_max_bad_steps",
     "trainable_buffers",
+    "all_processes_agree",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -198,3 +199,15 @@ class DivergenceGuard:
             return ""
         return (f"{self.where}: {len(self.skipped)} non-finite step(s) skipped (of {self.max_bad_steps} allowed), "
                 f"at steps {self.skipped[:10]}{' ...' if len(self.skipped) > 10 else ''}")
+
+
+def all_processes_agree(flag: bool, device: torch.device) -> bool:
+    """``flag`` if this process runs alone; else whether every process of the default
+    ``torch.distributed`` group has it true (so that all of them skip, or none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)

@@ -2,10 +2,7 @@
 validation's metrics) and trusted loading of the Runner's own checkpoints."""
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from mmengine.dist import is_main_process
@@ -13,7 +10,7 @@ from mmengine.hooks import Hook
 
 from ..measure import Stopwatch
 
-__all__ = ["ProgressHook", "StepTimerHook", "MetricsHook", "trust_checkpoints_under"]
+__all__ = ["ProgressHook", "StepTimerHook", "MetricsHook"]
 
 
 def _scalar(value: Any) -> float:
@@ -79,28 +76,3 @@ class MetricsHook(Hook):
 
     def after_val_epoch(self, runner: Any, metrics: Optional[Dict[str, float]] = None) -> None:
         self.metrics = dict(metrics or {})
-
-
-@contextlib.contextmanager
-def trust_checkpoints_under(directory: os.PathLike) -> Iterator[None]:
-    """Let ``torch.load`` unpickle mmengine Runner checkpoints (they hold a message hub and other
-    Python objects, which torch >= 2.6 refuses by default), but only files under ``directory``:
-    those a run wrote into its own work dir. Every other file keeps the ``weights_only`` check."""
-    root = Path(directory).resolve()
-    original = torch.load
-
-    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(f, (str, os.PathLike)) and "weights_only" not in kwargs:
-            try:
-                inside = Path(f).resolve().is_relative_to(root)
-            except (OSError, ValueError):
-                inside = False
-            if inside:
-                kwargs["weights_only"] = False
-        return original(f, *args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original

@@ -22,7 +22,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS
 from torch import nn
 
-from ..divergence import DivergenceGuard
+from ..divergence import DivergenceGuard, all_processes_agree
 from ..inference import Size2, check_amp
 from ..predict import predict
 
@@ -125,16 +125,6 @@ def _current_iter(default: int) -> int:
     return int(it) if it is not None else default
 
 
-def _all_agree(flag: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
 def guarded_train_step(model: nn.Module, module: SegmentorModel, data: Any,
                        optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
     """One training iteration of ``module`` (through ``model``, itself or its DDP wrapper).
@@ -155,7 +145,7 @@ def guarded_train_step(model: nn.Module, module: SegmentorModel, data: Any,
         lr: Optional[float] = max(float(v) for v in optim_wrapper.get_lr()["lr"])  # the head's (training.py's rule)
     except Exception:  # noqa: BLE001 - exotic wrappers
         lr = None
-    if not _all_agree(guard.loss_finite(loss), loss.device):
+    if not all_processes_agree(guard.loss_finite(loss), loss.device):
         optim_wrapper.zero_grad()
         guard.bad_step(step, loss, lr, "loss")  # raises unless a skip is allowed
         return log_vars

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..datasets.folder import FolderDataset, check_folder_dataset, describe_folder_dataset
-from .device import mmengine_device
+from .compat import mmengine_device, trust_checkpoints_under
 from .data import FolderSegDataset, SegCollate
-from .hooks import MetricsHook, ProgressHook, StepTimerHook, trust_checkpoints_under
+from .hooks import MetricsHook, ProgressHook, StepTimerHook
 from .metric import IoUMetric
 from .model import DDP_WRAPPER_NAME, SegmentorModel, build_optim_wrapper
 from .transforms import TrainAugment, recipe_scale

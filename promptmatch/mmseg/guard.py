@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..divergence import DivergenceGuard
+from ..divergence import DivergenceGuard, all_processes_agree
 
 __all__ = ["guarded_train_step", "guarded_update", "current_iter", "current_lr"]
 
@@ -38,16 +38,6 @@ def current_lr(optim_wrapper: Any) -> Optional[float]:
         return None
 
 
-def _all_processes_agree(flag: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
 def guarded_update(module: nn.Module, optim_wrapper: Any, loss: torch.Tensor) -> None:
     """``optim_wrapper.update_params(loss)`` that refuses non-finite losses and gradients.
 
@@ -58,7 +48,7 @@ def guarded_update(module: nn.Module, optim_wrapper: Any, loss: torch.Tensor) ->
     guard: DivergenceGuard = module.divergence_guard
     step = current_iter(default=len(guard.skipped))
     lr = current_lr(optim_wrapper)
-    if not _all_processes_agree(guard.loss_finite(loss), loss.device):
+    if not all_processes_agree(guard.loss_finite(loss), loss.device):
         optim_wrapper.zero_grad()
         guard.bad_step(step, loss, lr, "loss")  # raises unless a skip is allowed
         return

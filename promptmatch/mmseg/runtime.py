@@ -3,18 +3,15 @@ puts its model on, trusted resume, data-root checks, and loading the frozen back
 prompts."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import os.path as osp
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
-from promptmatch.engine.device import mmengine_device  # noqa: F401  (re-exported: the mmseg engine uses it)
+from promptmatch.engine.compat import mmengine_device, trust_checkpoints_under  # noqa: F401  (re-exported)
 
 __all__ = [
     "load_config",
@@ -103,34 +100,6 @@ def check_data_roots(cfg: Config) -> None:
             f"train_dataloader.dataset.data_root=/path val_dataloader.dataset.data_root=/path "
             f"test_dataloader.dataset.data_root=/path"
         )
-
-
-@contextlib.contextmanager
-def trust_checkpoints_under(directory: str) -> Iterator[None]:
-    """Let ``torch.load`` unpickle mmengine Runner checkpoints, but only files under ``directory``.
-
-    mmengine 0.10.7 loads Runner checkpoints (which hold a ``HistoryBuffer`` and other Python
-    objects) with a plain ``torch.load``; torch >= 2.6 refuses them under ``weights_only=True``.
-    Files a run wrote into its own work dir are trusted; every other file keeps the check.
-    """
-    root = Path(directory).resolve()
-    original = torch.load
-
-    def load(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and "weights_only" not in kwargs:
-            try:
-                inside = Path(f).resolve().is_relative_to(root)
-            except (OSError, ValueError):
-                inside = False
-            if inside:
-                kwargs["weights_only"] = False
-        return original(f, *args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
 
 
 def prepare_distributed(cfg: Config, launcher: str, device: Optional[str] = None) -> None:
