@@ -273,6 +273,18 @@ def test_memory_engine_cell_in_its_own_process_on_cuda(folder, tmp_path):
     _check_cuda_record(rec)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_runner_engine_cells_on_cuda(folder, tmp_path, amp):
+    """The folder engine (runner) on a GPU, in both autocast precisions: it trains, evaluates and
+    times on the GPU and its record says so."""
+    spec = bm.validate_spec(_spec(folder, "runner", amp=amp))
+    recs = bm.run_benchmark(spec, tmp_path / "out", progress=False, report=False, isolate=False)
+    assert [r["method"] for r in recs] == ["linear", "spm"]
+    for rec in recs:
+        _check_cuda_record(rec)
+        assert rec["eval_precision"] == f"{amp} autocast"
+
+
 def _logged_memory_mb(work_dir: Path):
     """The ``memory: N`` (MB, CUDA max allocated between log lines) values of mmengine's log."""
     text = "".join(p.read_text() for p in Path(work_dir).glob("*/*.log"))

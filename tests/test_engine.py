@@ -294,8 +294,9 @@ def test_benchmark_cell_on_the_runner_engine(folder, tmp_path):
     for key in ("miou", "per_class_iou", "trainable_params", "backbone_params", "trainable_pct", "parameters",
                 "peak_mem_mb", "step_time_median_s", "throughput_img_s", "train_s", "loss_first", "loss_last",
                 "lr_used", "skipped_steps", "latency_ms_median", "checkpoint", "checkpoint_bytes", "method_config",
-                "wall_s", "versions", "key", "seed"):
+                "wall_s", "versions", "key", "seed", "eval_precision", "device"):
         assert key in rec, key
     assert set(rec["per_class_iou"]["val"]) == set(CLASSES) and 0 <= rec["miou"]["val"] <= 1
+    assert rec["eval_precision"] == "float32" and rec["device"].startswith("cpu")
     assert (tmp_path / "cell" / "lr_0" / "train_config.json").is_file()
     assert (tmp_path / "cell" / "prompts.safetensors").is_file()

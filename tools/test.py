@@ -21,7 +21,7 @@ folder of images and masks with --folder (no mmseg: `tools/test.py --folder DIR 
 its options).
 """
 
-if "--folder" in sys.argv[1:]:
+if any(a == "--folder" or a.startswith("--folder=") for a in sys.argv[1:]):
     # a folder of images and masks: promptmatch's own engine (mmengine's Runner, no mmcv)
     from promptmatch.test import main  # noqa: E402
 else:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from promptmatch.measure import reset_cuda_peak
 
-from .common import eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median, weights_for
+from .common import eval_precision, eval_sets, latency_ms, peak_memory_fields, peak_rss_mb, step_time_median, weights_for
 from .data import entry_classes, entry_source, folder_of, memory_tensors
 from .errors import SpecError
 from .spec import Cell
@@ -137,7 +137,8 @@ class RunnerEngine:
         if ran_on.type != self.device.type:  # the record must name where the model really ran
             raise RuntimeError(f"the cell asked for {self.device.type} but mmengine's Runner put the model on {ran_on}")
         self.device = ran_on
-        out.update(peak_memory_fields(self.device, self.baseline_mb))
+        out.update(peak_memory_fields(self.device, self.baseline_mb, step_peak_bytes=res.get("step_peak_bytes")))
+        out["eval_precision"] = eval_precision(s)
         times, losses, world = res["times"], res["losses"], _world_size()
         step_s = step_time_median(times, s["warmup"])
         out.update(step_time_median_s=step_s, throughput_img_s=world * s["batch"] / step_s, train_s=float(sum(times)),

@@ -48,7 +48,9 @@ class ProgressHook(Hook):
 
 
 class StepTimerHook(Hook):
-    """Wall time (device synced), loss and index of every training iteration this run made."""
+    """Wall time (device synced), loss and index of every training iteration this run made,
+    and on a GPU the allocator's peak over them (:attr:`peak`, bytes): read after every
+    iteration, before mmengine's logger (a lower priority) resets CUDA's peak counter."""
 
     priority = "VERY_HIGH"
 
@@ -56,6 +58,7 @@ class StepTimerHook(Hook):
         self.times: List[float] = []
         self.losses: List[float] = []
         self.iters: List[int] = []
+        self.peak: Optional[int] = None
         self._watch = Stopwatch(device)
 
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
@@ -64,6 +67,10 @@ class StepTimerHook(Hook):
     def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
         self.times.append(self._watch.stop())
         self.iters.append(int(batch_idx))
+        device = self._watch.device
+        if getattr(device, "type", None) == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(device))
+            self.peak = peak if self.peak is None else max(self.peak, peak)
         if isinstance(outputs, Mapping) and "loss" in outputs:
             self.losses.append(_scalar(outputs["loss"]))
 

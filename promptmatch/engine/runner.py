@@ -351,6 +351,7 @@ def train_folder(cfg: FolderTrainConfig, hooks: Sequence[Any] = (), save: bool =
         metrics = dict(metrics_hook.metrics or {})
         result: Dict[str, Any] = {"metrics": metrics, "val_miou": metrics.get("mIoU"), "times": timer.times,
                                   "losses": timer.losses, "iters": timer.iters, "train_wall_s": wall,
+                                  "step_peak_bytes": timer.peak,
                                   "skipped_steps": list(guard.skipped), "segmentor": model.segmentor,
                                   "work_dir": str(out), "device": str(next(model.parameters()).device)}
         if save and _is_main():
