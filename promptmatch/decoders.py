@@ -56,6 +56,8 @@ class LinearDecoderConfig(DecoderConfig):
     """Config of :class:`LinearDecoder`."""
 
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout2d before the classifier"})
+    norm: bool = dataclasses.field(default=True, metadata={
+        "help": "BatchNorm before the classifier (off: mmseg's FCNHead without convolutions, with dropout 0.1)"})
 
 
 @dataclasses.dataclass
@@ -110,10 +112,10 @@ class LinearDecoder(nn.Module):
 
     config_class = LinearDecoderConfig
 
-    def __init__(self, stages: Sequence[Stage], num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, stages: Sequence[Stage], num_classes: int, dropout: float = 0.0, norm: bool = True) -> None:
         super().__init__()
         c = stages[-1].channels
-        self.norm = nn.BatchNorm2d(c)
+        self.norm = nn.BatchNorm2d(c) if norm else nn.Identity()
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(c, num_classes, 1)
 

@@ -46,3 +46,15 @@ def test_checkpoint_interface_is_declared(tmp_path):
     assert not isinstance(nn.Linear(2, 2), pm.PromptCheckpointable)
     with pytest.raises(TypeError, match="needs a prompted model .*PromptCheckpointable.*Linear"):
         pm.save_prompts(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_linear_decoder_without_its_batchnorm():
+    """``decoder_cfg={"norm": False}``: dropout + 1x1 on the last stage (mmseg's FCNHead without
+    convolutions); the default keeps the BatchNorm, so saved checkpoints keep their keys."""
+    plain = pm.create_segmentor("test_resnet", "linear", 3, "linear", decoder_cfg={"norm": False, "dropout": 0.1})
+    default = pm.create_segmentor("test_resnet", "linear", 3, "linear")
+    plain_keys = set(plain.decode_head.state_dict())
+    assert not any(k.startswith("norm.") for k in plain_keys)
+    assert set(default.decode_head.state_dict()) - plain_keys == {k for k in default.decode_head.state_dict()
+                                                                if k.startswith("norm.")} != set()
+    assert plain(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
