@@ -587,14 +587,16 @@ def test_bf16_on_cpu_both_engines(folder, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_trains_mmengine_cells_data_parallel(folder, tmp_path):
-    """Under torchrun (2 CPU processes, gloo) mmengine cells train with mmengine's DDP over both
-    processes; memory cells run on rank 0 alone; rank 0 writes one record per cell. The
-    processes see no GPU, so this is the CPU path on a GPU machine too (the NCCL run is
-    tests/test_cuda.py's)."""
+    """Under torchrun (2 CPU processes, gloo) mmengine and runner cells (the folder's default
+    engine) train with mmengine's DDP over both processes; memory cells run on rank 0 alone;
+    rank 0 writes one record per cell. The processes see no GPU, so this is the CPU path on a
+    GPU machine too (the NCCL run is tests/test_cuda.py's)."""
     pytest.importorskip("mmseg")
     spec = {"name": "dist", "methods": ["linear", "spm"], "backbones": ["test_resnet"],
             "datasets": [{"name": "mine", "folder": str(folder)}],
             "settings": [{"image_size": 64, "steps": 2, "batch": 2, "warmup": 0, "latency_images": 1, "workers": 0,
+                          "eval_mode": "slide", "eval_crop": 48, "eval_stride": 32, "engine": "mmengine"},
+                         {"image_size": 64, "steps": 2, "batch": 2, "warmup": 0, "latency_images": 1, "workers": 0,
                           "eval_mode": "slide", "eval_crop": 48, "eval_stride": 32},
                          {"image_size": 64, "steps": 2, "batch": 2, "warmup": 0, "latency_images": 1,
                           "engine": "memory"}],
@@ -610,10 +612,11 @@ def test_torchrun_trains_mmengine_cells_data_parallel(folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = records(out)
     assert sorted((r["method"], r["engine"]) for r in recs) == [
-        ("linear", "memory"), ("linear", "mmengine"), ("spm", "memory"), ("spm", "mmengine")]
+        ("linear", "memory"), ("linear", "mmengine"), ("linear", "runner"),
+        ("spm", "memory"), ("spm", "mmengine"), ("spm", "runner")]
     for rec in recs:
         _ok(rec)
-        assert rec["world_size"] == (2 if rec["engine"] == "mmengine" else 1)
+        assert rec["world_size"] == (1 if rec["engine"] == "memory" else 2)
         assert rec["device"].startswith("cpu") and rec["peak_mem_kind"].startswith("cpu"), rec["device"]
     logs = "".join(p.read_text() for p in (out / "cells").glob("*/*/*.log"))
     assert "promptmatch.CPUDistributedDataParallel" in logs and "Distributed training: True" in logs
