@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from promptmatch import datasets as D
 from promptmatch.datasets import offline as O
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["clutter_objects", "long_tail", "nuclei", "photo_collage", "texture_mosaic", "thin_structures"]
+NAMES = ["clutter_objects", "long_tail", "nuclei", "photo_collage", "scale_objects", "texture_bands",
+         "texture_mosaic", "thin_structures"]
 #: the shifts that change pixels only (labels kept), with a parameter range to check
 PIXEL_SHIFTS = {"colour": None, "blur": ("radius", 1.2, 2.0), "noise": ("sigma", 12, 20),
                 "jpeg": ("quality", 8, 20), "gamma": ("gamma", 0.45, 2.2),
@@ -102,6 +104,8 @@ def test_registry_and_names():
     assert D.dataset_classes("clutter_objects")[0] == "background"
     assert 5 <= len(D.dataset_classes("clutter_objects")) <= 6
     assert len(D.dataset_classes("long_tail")) == 16
+    assert D.dataset_classes("texture_bands") == ["cell", "tissue", "moon", "gravel", "retina"]
+    assert D.dataset_classes("scale_objects") == ["background", "cell", "colour_wheel", "coins", "astronaut"]
     # the first four shifts keep their positions (and so their random streams)
     assert D.SPLITS == ("train", "val", "val_colour", "val_blur", "val_noise", "val_scale",
                         "val_jpeg", "val_gamma", "val_defocus", "val_motion")
@@ -111,12 +115,16 @@ def test_registry_and_names():
     assert not set(clutter.sources[1:]) & set(clutter.background_sources)
     assert clutter.sources[0] == clutter.background_sources[0]
     assert len(set(D.OFFLINE_DATASETS["long_tail"].sources)) == 16
+    scales = D.OFFLINE_DATASETS["scale_objects"]
+    assert not set(scales.sources[1:]) & set(scales.background_sources)
+    assert scales.sources[0] == scales.background_sources[0]
 
 
 @pytest.mark.parametrize("call", [D.dataset_classes, D.dataset_palette, D.build_offline_dataset])
 def test_unknown_name_lists_available(call, tmp_path):
     with pytest.raises(ValueError, match="unknown offline dataset 'ade20k'; available: clutter_objects, "
-                                         "long_tail, nuclei, photo_collage, texture_mosaic, thin_structures"):
+                                         "long_tail, nuclei, photo_collage, scale_objects, texture_bands, "
+                                         "texture_mosaic, thin_structures"):
         if call is D.build_offline_dataset:
             call("ade20k", root=tmp_path)
         else:
@@ -317,6 +325,55 @@ def test_clutter_objects_are_small_objects_on_clutter(built):
             assert (crop["class"] == "background") == (crop["source"] in spec.background_sources), crop
 
 
+def _scenes(name: str, split: str = "train", count: int = 24):
+    """The first ``count`` scenes of a split, drawn as the build draws them (no rendering)."""
+    spec = D.OFFLINE_DATASETS[name]
+    area_idx = 0 if split == "train" else 1
+    areas = {k: O.sources._SOURCES[k].areas()[area_idx] for k in spec.all_sources}
+    stream = O.build._TRAIN_STREAM if split == "train" else O.build._VAL_STREAM
+    make = O.scenes._SCENE_MAKERS[spec.kind]
+    return [make(spec, O.build._rng(spec, stream, i), i, areas) for i in range(count)]
+
+
+def _closure(fn) -> dict:
+    """The variables a nested function closes over, by name."""
+    return {k: c.cell_contents for k, c in zip(fn.__code__.co_freevars, fn.__closure__)}
+
+
+def test_texture_bands_are_narrow_bands_of_distinct_neighbours(built):
+    """No background class; every image shows several textures, many pixels lie near a band
+    edge, and neighbouring bands always have different classes."""
+    labels, share, images = _label_stats(built("texture_bands"), "train", 5)
+    assert (share > 0.1).all() and (share < 0.3).all(), share
+    assert (images > 0.8 * len(labels)).all(), images
+    assert all(len(np.unique(lab)) >= 2 for lab in labels)
+    change = (labels[:, 1:, 1:] != labels[:, :-1, 1:]) | (labels[:, 1:, 1:] != labels[:, 1:, :-1])
+    near = np.lib.stride_tricks.sliding_window_view(np.pad(change, ((0, 0), (4, 4), (4, 4))), (9, 9),
+                                                    axis=(1, 2)).any(axis=(-1, -2))
+    assert near.mean() > 0.3, near.mean()  # within about 4 px of a band edge
+    for i, scene in enumerate(_scenes("texture_bands", count=12)):
+        classes = _closure(scene.geometry)["cls_arr"]  # class of every band, in order across
+        assert len(classes) >= 4 and (classes[1:] != classes[:-1]).all(), classes
+        assert scene.geometry(np.array([0.5]), np.array([0.5]))[0] == i % 5  # cycles with the index
+
+
+def test_scale_objects_span_a_wide_range_of_sizes(built):
+    path = built("scale_objects")
+    labels, share, images = _label_stats(path, "train", 5)
+    assert 0.6 < share[0] < 0.9 and (share[1:] > 0.02).all(), share
+    assert images[0] == len(labels) and ((labels > 0).any(axis=(1, 2))).all()
+    spec = D.OFFLINE_DATASETS["scale_objects"]
+    for sample in _meta(path)["samples"]["train"]:
+        crops = sample["crops"]
+        assert crops[0]["class"] == "background" and crops[0]["source"] in spec.background_sources
+        assert 3 <= len(crops) - 1 <= 9 and all(c["class"] != "background" for c in crops[1:])
+    # object areas at 128 px (before smaller ones cover them): from a few pixels to thousands
+    u, v = O.canvas._canvas_grid(O.canvas._FULL_VIEW, O.IMAGE_SIZE)
+    areas = np.asarray([O.canvas._shape_mask(sh, u, v).sum() for scene in _scenes("scale_objects")
+                        for sh in _closure(scene.geometry)["shapes"]])
+    assert areas.min() < 60 and areas.max() > 3000 and np.median(areas) < 1000, areas
+
+
 def test_second_call_returns_cached_dataset_without_rewriting(built):
     path = built("texture_mosaic")
     before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
@@ -420,6 +477,22 @@ def test_wrong_stardist_wheel_content_is_rejected(no_wheels, tmp_path):
     assert not (tmp_path / "data" / "nuclei").exists()
 
 
+def test_missing_matplotlib_gives_the_install_command(monkeypatch, tmp_path):
+    """scale_objects reads a matplotlib sample image; the package is located, never imported."""
+    real = O.sources.importlib.machinery.PathFinder
+
+    class NoMatplotlib:
+        @staticmethod
+        def find_spec(name, *args):
+            return None if name == "matplotlib" else real.find_spec(name, *args)
+
+    monkeypatch.setattr(O.sources, "importlib", types.SimpleNamespace(
+        machinery=types.SimpleNamespace(PathFinder=NoMatplotlib)))
+    with pytest.raises(D.SourceNotFoundError, match="python -m pip install matplotlib"):
+        D.build_offline_dataset("scale_objects", root=tmp_path / "data")
+    assert not (tmp_path / "data" / "scale_objects").exists()
+
+
 # ------------------------------------------------------------------------------ consumers
 def test_mmseg_dataset_config(built):
     path = built("photo_collage")
@@ -446,19 +519,21 @@ def test_default_roots_follow_the_environment(monkeypatch, tmp_path):
 
 
 def test_import_and_build_are_silent_and_light(tmp_path, no_wheels):
-    """No mmseg/mmcv/mmengine and no scikit-image import (its data files are read directly);
-    the scikit-image datasets need no stardist wheel."""
+    """No mmseg/mmcv/mmengine and no scikit-image or matplotlib import (their data files are
+    read directly); the scikit-image and matplotlib datasets need no stardist wheel."""
     code = (
         "import sys, logging\n"
-        "for m in ('mmseg', 'mmcv', 'mmengine', 'skimage', 'stardist', 'tifffile'):\n"
+        "for m in ('mmseg', 'mmcv', 'mmengine', 'skimage', 'stardist', 'tifffile', 'matplotlib'):\n"
         "    sys.modules[m] = None  # importing any of them would now fail\n"
         "import dataclasses\n"
         "import promptmatch.datasets as D\n"
         "from promptmatch.datasets import offline as O\n"
-        "small = dataclasses.replace(O.OFFLINE_DATASETS['photo_collage'], num_train=8, num_val=4)\n"
-        "O.specs.OFFLINE_DATASETS = {**O.OFFLINE_DATASETS, 'photo_collage': small}  # same code, fewer scenes\n"
-        f"p = D.build_offline_dataset('photo_collage', root={str(tmp_path)!r})\n"
-        "assert D.verify_offline_dataset(p)\n"
+        "small = {n: dataclasses.replace(O.OFFLINE_DATASETS[n], num_train=8, num_val=4)\n"
+        "         for n in ('photo_collage', 'scale_objects')}\n"
+        "O.specs.OFFLINE_DATASETS = {**O.OFFLINE_DATASETS, **small}  # same code, fewer scenes\n"
+        "for n in small:\n"
+        f"    p = D.build_offline_dataset(n, root={str(tmp_path)!r})\n"
+        "    assert D.verify_offline_dataset(p)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="default")  # carries no_wheels' env
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)

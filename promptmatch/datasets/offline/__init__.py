@@ -2,8 +2,9 @@
 
 No real segmentation benchmark can be downloaded on the machines this project runs on, but
 real photographs and textures ship inside PyPI packages: the sample images of
-``scikit-image`` (``skimage/data/*``, public domain / CC0) and one annotated fluorescence
-nuclei image inside the ``stardist==0.9.2`` wheel (BSD-3-Clause). This module turns them,
+``scikit-image`` (``skimage/data/*``, public domain / CC0), one of ``matplotlib``
+(``mpl-data/sample_data/grace_hopper.jpg``) and one annotated fluorescence nuclei image
+inside the ``stardist==0.9.2`` wheel (BSD-3-Clause). This module turns them,
 deterministically, into small datasets in the standard mmsegmentation layout::
 
     <root>/<name>/img_dir/<split>/<id>.png   RGB uint8, 128x128
@@ -26,19 +27,27 @@ Datasets (see :data:`OFFLINE_DATASETS` and docs/datasets.md):
 - ``clutter_objects``: 2-6 small objects (astronaut, cat, cameraman, rocket, logo) over a
   patchwork of cluttered photos and textures (background); 6 classes.
 - ``thin_structures``: thin curves (vessel) and thin straight-ish polylines (wire) over a
-  photo (background); 3 classes. Held out from design decisions (docs/datasets.md).
+  photo (background); 3 classes. Development data (held out for SPM v3, then looked at in
+  its table; docs/datasets.md).
 - ``long_tail``: blobby Voronoi regions of 16 different sources, region classes drawn from
-  a Zipf-like distribution; 16 classes. Held out from design decisions.
+  a Zipf-like distribution; 16 classes. Development data, as ``thin_structures``.
+- ``texture_bands``: wavy, roughly parallel bands 4-40 px wide, each a grey-level crop of one
+  of 5 similar-looking textures (cell, tissue, moon, gravel, retina); 5 classes, no
+  background. Held out for SPM v4 (issue 19; docs/datasets.md).
+- ``scale_objects``: 3-9 objects of radius 2.5-38 px (cell, colour wheel, coins, astronaut)
+  over a photo (background, mostly Grace Hopper's portrait); 5 classes. Held out for SPM v4.
 
-The package needs only numpy and Pillow at run time (plus the scikit-image data files and,
-for ``nuclei``, the stardist wheel file). It never touches the network, except in
-:func:`fetch_stardist_wheel`, which runs ``pip download`` on request.
+The package needs only numpy and Pillow at run time (plus the scikit-image data files, for
+``scale_objects`` matplotlib's sample image and, for ``nuclei``, the stardist wheel file). It
+never touches the network, except in :func:`fetch_stardist_wheel`, which runs
+``pip download`` on request.
 
 Modules: :mod:`.errors` (exceptions), :mod:`.sources` (source images, checksums, the
 stardist wheel), :mod:`.specs` (:class:`OfflineDatasetSpec` and :data:`OFFLINE_DATASETS`),
 :mod:`.registry` (:func:`register_offline_dataset`: adding a dataset, see docs/datasets.md),
-:mod:`.scenes` (scene generators), :mod:`.shifts` (:data:`SHIFT_REGISTRY`, the one registry
-of domain shifts), :mod:`.build` (build, verify, lock), :mod:`.consumers`
+:mod:`.canvas` (views, shapes and :class:`_Scene`, which renders a scene), :mod:`.scenes`
+and :mod:`.scenes_extra` (scene generators), :mod:`.shifts` (:data:`SHIFT_REGISTRY`, the one
+registry of domain shifts), :mod:`.build` (build, verify, lock), :mod:`.consumers`
 (:func:`load_offline_split`, :func:`mmseg_dataset_config`) and :mod:`.export` (as folder
 datasets: :func:`export_offline_as_folder`, :func:`render_offline_as_folder`).
 """

@@ -1,7 +1,9 @@
 """The source images the offline datasets are cut from, and how they are found and checked.
 
-Each source is a file of an installed package (a scikit-image sample image) or a member of
-the stardist 0.9.2 wheel, pinned by sha256, with a train area and a disjoint validation area.
+Each source is a file of an installed package (a scikit-image or matplotlib sample image) or
+a member of the stardist 0.9.2 wheel, pinned by sha256, with a train area and a disjoint
+validation area (optionally inside a usable region of the image; a grey-level source is
+stretched from the percentiles of that region).
 Also here: finding and fetching the stardist wheel, and :class:`_SourceBank`, which loads
 and prepares the sources once per build.
 """
@@ -61,8 +63,8 @@ class _Source:
     """
 
     key: str
-    origin: str  # "skimage" or "stardist"
-    member: str  # file name in skimage/data, or path inside the stardist wheel
+    origin: str  # "skimage", "matplotlib" or "stardist"
+    member: str  # file in skimage/data or matplotlib/mpl-data/sample_data, or path in the stardist wheel
     size: Tuple[int, int]  # (width, height)
     axis: str  # "x" or "y"
     val_px: int
@@ -157,6 +159,18 @@ _SOURCES: Mapping[str, _Source] = MappingProxyType({s.key: s for s in (
             "f029226b28b642e80113d86622e9b215ee067a0966feaf5e60604a1e05733955",
             "Public domain (released by the photographer)",
             "scikit-image data.clock(): motion-blurred wall clock, by Stefan van der Walt"),
+    _Source("grace_hopper", "matplotlib", "grace_hopper.jpg", (512, 600), "x", 184, "end",
+            "a8ca6d734765703b09728ab47fe59f473d93ae3967fc24c7c0288c3c7adb7130",
+            "Public domain (so described when matplotlib added it, matplotlib PR #1599; no notice "
+            "in the package, which is under the Matplotlib licence)",
+            "matplotlib sample_data grace_hopper.jpg: portrait of Commodore Grace M. Hopper, "
+            "U.S. Navy photograph"),
+    # --- microscopy (scikit-image) ---
+    _Source("cell", "skimage", "cell.png", (550, 660), "y", 200, "end",
+            "8d23a7fb81f7cc877cd09f330357fc7f595651306e84e17252f6e0a1b3f61515",
+            "CC0-1.0", "scikit-image data.cell(): cell floating in saline, quantitative phase image "
+            "from a digital hologram (Müller et al., Optics Express 26(8), 2018); the saline "
+            "background left of the cell, x 0-339, y 48-659", region=(0, 48, 340, 660)),
     # --- documents and graphics (scikit-image) ---
     _Source("page", "skimage", "page.png", (384, 191), "x", 168, "end",
             "341a6f0a61557662b02734a9b6e56ec33a915b2c41886b97509dedf2a43b47a3",
@@ -166,6 +180,10 @@ _SOURCES: Mapping[str, _Source] = MappingProxyType({s.key: s for s in (
             "Not stated separately (the scikit-image project's logo, in its BSD-3-Clause package)",
             "scikit-image data.logo(): the scikit-image logo (snake over green and orange), "
             "inner 332x332 of its disc", scale=0.95, region=(84, 84, 416, 416)),
+    _Source("color", "skimage", "color.png", (371, 370), "x", 112, "end",
+            "7d2df993de2b4fa2a78e04e5df8050f49a9c511aa75e59ab3bd56ac9c98aef7e",
+            _NOT_STATED, "scikit-image data.colorwheel(): a colour wheel, inner 260x260 of its disc",
+            scale=0.7, region=(55, 56, 315, 316)),
     # --- fluorescence nuclei (stardist wheel) ---
     _Source("dsb_nuclei", "stardist", "stardist/data/images/img2d.tif", (512, 512), "y", 144, "end",
             "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750",
@@ -273,6 +291,21 @@ def _skimage_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+def _matplotlib_sample_dir() -> Path:
+    # as _skimage_data_dir: found on sys.path, never imported
+    spec = importlib.machinery.PathFinder.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceNotFoundError(
+            "this offline dataset reads a sample image of matplotlib, which is not installed: "
+            "python -m pip install matplotlib")
+    return Path(list(spec.submodule_search_locations)[0]) / "mpl-data" / "sample_data"
+
+
+#: Where the files of each package origin are, and the package's pip name.
+_PACKAGE_ORIGINS = {"skimage": (_skimage_data_dir, "scikit-image"),
+                    "matplotlib": (_matplotlib_sample_dir, "matplotlib")}
+
+
 class _SourceBank:
     """Loads, checks and prepares source images once per build."""
 
@@ -288,20 +321,21 @@ class _SourceBank:
 
     def _load(self, src: _Source) -> Tuple[Image.Image, Dict[str, Any]]:
         info: Dict[str, Any] = {"origin": src.origin, "file": src.member}
-        if src.origin == "skimage":
-            path = _skimage_data_dir() / src.member
+        if src.origin in _PACKAGE_ORIGINS:
+            locate, package = _PACKAGE_ORIGINS[src.origin]
+            path = locate() / src.member
             if not path.is_file():
                 raise SourceNotFoundError(
-                    f"{path} is missing: reinstall scikit-image (python -m pip install "
-                    f"--force-reinstall scikit-image)")
+                    f"{path} is missing: reinstall {package} (python -m pip install "
+                    f"--force-reinstall {package})")
             data = path.read_bytes()
             got = hashlib.sha256(data).hexdigest()
-            info["package"] = "scikit-image"
+            info["package"] = package
             if got != src.sha256:
                 _logger.warning(
-                    "scikit-image's %s differs from the file this dataset version was pinned "
+                    "%s's %s differs from the file this dataset version was pinned "
                     "to (sha256 %s, expected %s): the built dataset will differ from the "
-                    "reference build", src.member, got, src.sha256)
+                    "reference build", package, src.member, got, src.sha256)
         else:
             wheel = find_stardist_wheel()
             with zipfile.ZipFile(wheel) as zf:
@@ -322,7 +356,8 @@ class _SourceBank:
         return img, info
 
     def image(self, key: str, mode: str) -> Image.Image:
-        """The source as a PIL image ready to crop: 'L' (stretched grey) or 'RGB'."""
+        """The source as a PIL image ready to crop: 'L' (grey, stretched from the percentiles
+        of the source's usable ``region``, else of the whole image) or 'RGB'."""
         if (key, mode) not in self._prepared:
             img, _ = self.raw(key)
             if mode == "rgb":
@@ -331,7 +366,9 @@ class _SourceBank:
                 a = np.asarray(img).astype(np.float64)
                 if a.ndim == 3:  # ITU-R 601 luma, as PIL's convert('L')
                     a = a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
-                lo, hi = np.percentile(a, [1.0, 99.5])
+                region = _SOURCES[key].region
+                x0, y0, x1, y1 = region if region is not None else (0, 0, a.shape[1], a.shape[0])
+                lo, hi = np.percentile(a[y0:y1, x0:x1], [1.0, 99.5])
                 a = np.clip((a - lo) / max(hi - lo, 1e-6), 0.0, 1.0) * 200.0 + 28.0
                 out = Image.fromarray(np.round(a).astype(np.uint8), "L")
             self._prepared[(key, mode)] = out

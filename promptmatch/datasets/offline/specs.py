@@ -30,12 +30,14 @@ class OfflineDatasetSpec:
         description: one line for humans.
         kind: scene generator: ``"mosaic"`` (blobby Voronoi regions), ``"collage"``
             (shapes over a background), ``"tiles"`` (crops of one annotated image),
-            ``"clutter"`` (small objects over a patchwork background) or ``"thin"``
-            (thin curves and polylines over a photo background).
+            ``"clutter"`` (small objects over a patchwork background), ``"thin"``
+            (thin curves and polylines over a photo background), ``"bands"`` (wavy,
+            roughly parallel bands) or ``"scales"`` (objects of very different sizes over a
+            photo background).
         classes: class names; label value ``i`` is ``classes[i]``.
         palette: one RGB colour per class (for visualisation; mmseg ``metainfo``).
-        sources: source key per class (``mosaic``/``collage``/``clutter``/``thin``) or the
-            one source (``tiles``). For ``clutter``/``thin`` the source of class 0 (the
+        sources: source key per class (every kind but ``tiles``) or the one source
+            (``tiles``). For ``clutter``/``thin``/``scales`` the source of class 0 (the
             background) is the first of ``background_sources``.
         crop_px: range of the side, in source pixels (times the source's ``scale``), of the
             square source crop that covers the whole 128x128 canvas.
@@ -44,8 +46,8 @@ class OfflineDatasetSpec:
         num_train / num_val: number of scenes per split (every ``val_<shift>`` split has
             ``num_val`` images, paired by id with ``val``).
         seed: base seed of the scene generator.
-        background_sources: (``clutter``/``thin``) every source that fills class 0, the
-            background; each background region draws one of them.
+        background_sources: (``clutter``/``thin``/``scales``) every source that fills
+            class 0, the background; each background region draws one of them.
         class_weights: (``mosaic``) draw each region's class independently with these
             probabilities (normalised) instead of cycling the first region's class through
             all classes: a long-tailed class distribution.
@@ -187,6 +189,41 @@ _REGISTRY: Dict[str, OfflineDatasetSpec] = {s.name: s for s in (
         seed=6628,
         class_weights=_zipf_weights(16, LONG_TAIL_EXPONENT),
         layout=_layout(regions=(4, 6), min_seed_distance=0.24),
+    ),
+    # --- held out for SPM v4 (issue 19; docs/datasets.md): built 2026-12-06 ---
+    OfflineDatasetSpec(
+        name="texture_bands",
+        description="Wavy, roughly parallel bands 4-40 px wide, each a grey-level crop of one of "
+                    "5 similar-looking real micrograph and surface textures; adjacent bands "
+                    "differ; class = texture",
+        kind="bands",
+        classes=("cell", "tissue", "moon", "gravel", "retina"),
+        palette=((0, 206, 209), (186, 85, 211), (240, 230, 140), (160, 160, 160),
+                 (220, 20, 60)),
+        sources=("cell", "ihc", "moon", "gravel", "retina"),
+        crop_px=(96, 160),
+        colour_mode="gray",
+        seed=7707,
+        layout=_layout(band_width_px=(4.0, 40.0), waves=3, wave_amplitude=(0.01, 0.035),
+                       wave_frequency=(0.5, 2.0), wave_drift=(-3.0, 3.0)),
+    ),
+    OfflineDatasetSpec(
+        name="scale_objects",
+        description="3-9 objects (ellipses, polygons, blobs) of radius 2.5-38 px (log-uniform), "
+                    "largest drawn first, each a crop of one of 4 sources (cell micrograph, "
+                    "colour wheel, coins, astronaut), over a crop of a portrait photo (Grace "
+                    "Hopper; every fifth image the motorcycle garage, every fifth the coffee "
+                    "table); class = object source, or background",
+        kind="scales",
+        classes=("background", "cell", "colour_wheel", "coins", "astronaut"),
+        palette=((0, 0, 0), (0, 206, 209), (255, 20, 147), (218, 165, 32), (255, 127, 14)),
+        sources=("grace_hopper", "cell", "color", "coins", "astronaut"),
+        crop_px=(112, 160),
+        colour_mode="rgb",
+        seed=8808,
+        background_sources=("grace_hopper", "motorcycle_right", "coffee"),
+        layout=_layout(background_cycle=(0, 0, 0, 1, 2), objects=(3, 9),
+                       object_radius=(0.02, 0.30), object_centre=(0.05, 0.95)),
     ),
 )}
 #: Every offline dataset by name (a read-only view: add one with ``register_offline_dataset``).
