@@ -176,7 +176,8 @@ class PromptedCore:
         """Boundary features after the method acted on them, and the method's per-pass state."""
         state = self.method.init_state()
         feats = self.staged.forward(images, on_boundary=self._boundary_fn(state),
-                                    autograd_from_start=self.method.trains_inside_backbone)
+                                    autograd_from_start=self.method.trains_inside_backbone,
+                                    autograd_at_boundaries_only=not self.method.grad_crosses_backbone)
         return feats, state
 
     @contextmanager
@@ -185,7 +186,8 @@ class PromptedCore:
         yields the method's per-pass state (interim maps)."""
         state = self.method.init_state()
         with self.staged.session(images, on_boundary=self._boundary_fn(state),
-                                 autograd_from_start=self.method.trains_inside_backbone):
+                                 autograd_from_start=self.method.trains_inside_backbone,
+                                 autograd_at_boundaries_only=not self.method.grad_crosses_backbone):
             yield state
 
     # ------------------------------------------------------- trainable parts

@@ -66,6 +66,16 @@ class MultiLevelDecoderConfig(DecoderConfig):
 
     embed_dim: int = dataclasses.field(default=128, metadata={"help": "channels every stage is projected to"})
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout2d before the classifier"})
+    levels: Optional[Tuple[int, ...]] = dataclasses.field(default=None, metadata={
+        "help": "indices of the stages the decoder reads (negative from the end; None: every stage): "
+                "e.g. a backbone staged at every block, read at the four levels of its default division"})
+
+    def __post_init__(self) -> None:
+        if self.levels is not None:
+            lv = tuple(self.levels)
+            if not lv or not all(isinstance(i, int) and not isinstance(i, bool) for i in lv) or len(set(lv)) != len(lv):
+                raise ValueError(f"MultiLevelDecoderConfig.levels must be None or distinct ints, got {self.levels!r}")
+            self.levels = lv
 
 
 #: registered decoders, name -> class
@@ -135,16 +145,26 @@ class MultiLevelDecoder(nn.Module):
     config_class = MultiLevelDecoderConfig
 
     def __init__(
-        self, stages: Sequence[Stage], num_classes: int, embed_dim: int = 128, dropout: float = 0.0
+        self, stages: Sequence[Stage], num_classes: int, embed_dim: int = 128, dropout: float = 0.0,
+        levels: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         if embed_dim <= 0:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
+        n = len(stages)
+        if levels is None:
+            self.levels: Tuple[int, ...] = tuple(range(n))
+        else:
+            bad = [i for i in levels if not -n <= i < n]
+            if bad:
+                raise ValueError(f"decoder levels {bad} out of range for a backbone with {n} stages")
+            self.levels = tuple(sorted({i % n for i in levels}))
+        read = [stages[i] for i in self.levels]
         self.proj = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(s.channels), nn.Conv2d(s.channels, embed_dim, 1)) for s in stages
+            nn.Sequential(nn.BatchNorm2d(s.channels), nn.Conv2d(s.channels, embed_dim, 1)) for s in read
         )
         self.fuse = nn.Sequential(
-            nn.Conv2d(embed_dim * len(stages), embed_dim, 1, bias=False),
+            nn.Conv2d(embed_dim * len(read), embed_dim, 1, bias=False),
             nn.BatchNorm2d(embed_dim),
             nn.ReLU(inplace=True),
         )
@@ -152,6 +172,7 @@ class MultiLevelDecoder(nn.Module):
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        features = [features[i] for i in self.levels]
         size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
         maps = []
         for proj, f in zip(self.proj, features):
@@ -162,8 +183,8 @@ class MultiLevelDecoder(nn.Module):
         return self.classifier(self.dropout(self.fuse(torch.cat(maps, 1))))
 
     def stages_read(self, num_stages: int) -> Tuple[int, ...]:
-        """The stage indices whose features this decoder reads: all of them."""
-        return tuple(range(num_stages))
+        """The stage indices whose features this decoder reads: its ``levels`` (default: all)."""
+        return self.levels
 
 
 def list_decoders() -> List[str]:

@@ -249,10 +249,11 @@ def test_checkpoint_files_and_metadata(saved):
         assert set(e) == {"dtype", "shape", "data_offsets"}, e
     assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert spans[-1][1] == len(raw) - 8 - n, "bytes beyond the tensors"
-    # the first byte is the low byte of the header length, which is no pickle opcode
-    with pytest.raises(pickle.UnpicklingError, match="invalid load key"):
+    # not a pickle: the file starts with the header length (the error pickle reports depends on
+    # which opcode, if any, its low byte happens to be)
+    with pytest.raises(pickle.UnpicklingError):
         pickle.loads(raw)
-    with pytest.raises(pickle.UnpicklingError, match=r"(?s)Weights only load failed.*Unsupported operand"):
+    with pytest.raises(pickle.UnpicklingError, match=r"(?s)Weights only load failed"):
         torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)  # bytes: a path would go to safetensors
     assert path.with_suffix(".json").is_file()
     meta = pm.read_prompt_metadata(path)

@@ -48,6 +48,30 @@ def test_checkpoint_interface_is_declared(tmp_path):
         pm.save_prompts(nn.Linear(2, 2), tmp_path / "x.safetensors")
 
 
+def test_multilevel_decoder_reads_only_its_levels(tmp_path):
+    """``decoder_cfg={"levels": ...}``: a backbone staged finer than the decoder reads (every
+    block a stage, four of them read); the other stages' features never reach the head, SPM
+    gives them no decoder prompt, and the levels are part of what a checkpoint must match."""
+    images = torch.randn(2, 3, 64, 64)
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel",
+                                decoder_cfg={"levels": [1, -1]})
+    n = len(model.staged.stages)
+    assert model.decode_head.stages_read(n) == (1, n - 1) and len(model.decode_head.proj) == 2
+    # observers' decoder prompts only where the head reads (1); the last stage prompts anyway
+    assert set(model.method.out_proj.keys()) == {"1", str(n - 2), str(n - 1)}
+    feats, _ = model.forward_features(images)
+    poked = [f.clone() for f in feats]
+    poked[0] += 1.0  # a level the head does not read
+    torch.testing.assert_close(model.decode_head(poked), model.decode_head(feats), rtol=0, atol=0)
+    path = pm.save_prompts(model, tmp_path / "p.safetensors")
+    every = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel")
+    with pytest.raises(pm.PromptMismatchError, match="decoder_config"):
+        pm.load_prompts(every, path)
+    for bad in ([], [0, 0], [9], "1"):
+        with pytest.raises(ValueError, match="levels"):
+            pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", decoder_cfg={"levels": bad})
+
+
 def test_linear_decoder_without_its_batchnorm():
     """``decoder_cfg={"norm": False}``: dropout + 1x1 on the last stage (mmseg's FCNHead without
     convolutions); the default keeps the BatchNorm, so saved checkpoints keep their keys."""

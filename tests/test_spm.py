@@ -30,10 +30,13 @@ VARIANTS = {
     "confidence-gate": {"gate": "confidence"},
     "soft-interim": {"interim_targets": "soft"},
     "balanced-interim": {"interim_class_balance": True},
+    "lean": {"backprop_backbone": False},
+    "read-native": {"read_matcher_stride": 0},
+    "prompt-gain": {"prompt_gain": 4.0},
 }
 #: the switches added after v2, each with a value other than its v2 behaviour
 V3_SWITCHES = ("observe-early", "prompt-deepest-one", "observer-decoder-prompts", "observe-only", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate",
-               "soft-interim", "balanced-interim")
+               "soft-interim", "balanced-interim", "lean", "read-native", "prompt-gain")
 
 
 def _decode_loss(model, images, labels) -> float:
@@ -102,6 +105,33 @@ def test_matcher_stride_pools_fine_boundaries():
     assert matcher_grids == {8: {((8, 8), (8, 8))}, 0: {((16, 16), (16, 16))}}
 
 
+@pytest.mark.parametrize("decoder, pooled", [("linear", {"0": 2}), ("multilevel", {})])
+def test_read_matcher_stride_keeps_read_prompts_native(decoder, pooled):
+    """read_matcher_stride=0: a matcher whose prompt is read (the decoder reads every level of
+    the multi-level head) runs at its boundary's own resolution; an observer nothing reads (the
+    stride-4 boundary under a linear head) stays on the matcher_stride grid."""
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, decoder,
+                                method_cfg={"read_matcher_stride": 0})
+    assert model.staged.stages[0].reduction == 4
+    assert model.method.pool == pooled
+    _, state = model.forward_features(make_batch(64, num_classes=3)[0])
+    assert tuple(state["interim"][0].shape[-2:]) == ((8, 8) if pooled else (16, 16))
+
+
+def test_prompt_gain_scales_the_prompt():
+    from promptmatch.staging import Stage
+
+    x = torch.randn(2, 16, 8, 8)
+    prompts = {}
+    for gain in (1.0, 4.0):
+        torch.manual_seed(0)
+        m = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(prompt_gain=gain))
+        with torch.no_grad():
+            m.out_proj["0"].weight.normal_(generator=torch.Generator().manual_seed(0))
+            prompts[gain] = m.boundary(0, x, m.init_state()) - x
+    torch.testing.assert_close(prompts[4.0], 4 * prompts[1.0], rtol=1e-4, atol=1e-5)
+
+
 def test_prompt_scale_follows_the_features():
     """With prompt_scale='feature' the same matcher weights give a prompt proportional to the
     feature scale; with 'none' the prompt does not depend on it."""
@@ -131,6 +161,9 @@ def test_prompt_scale_follows_the_features():
     ({"prompt_deepest": -1}, "prompt_deepest must be an int >= 0"),
     ({"interim_targets": "bilinear"}, "interim_targets must be 'nearest' or 'soft'"),
     ({"interim_class_balance": 1}, "interim_class_balance"),
+    ({"read_matcher_stride": -2}, "read_matcher_stride must be None or an int >= 0"),
+    ({"prompt_gain": 0}, "prompt_gain must be a finite number > 0"),
+    ({"backprop_backbone": 0}, "backprop_backbone"),
 ])
 def test_bad_spm_config(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -378,3 +411,83 @@ def test_observer_prompts_exist_only_where_a_decoder_reads_them(decoder, prompts
     images, labels = make_batch(64, num_classes=3)
     sum(model.loss(images, labels).values()).backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+@pytest.mark.parametrize("decoder", ["linear", "multilevel"])
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit", "test_convnext"])
+def test_lean_mode_never_runs_the_backbone_with_autograd(backbone, decoder):
+    """SPMConfig.lean(): no module of the frozen backbone runs with autograd in a training
+    pass, no stage's input needs a gradient, yet every trainable parameter gets one; and
+    autograd keeps far less for backward than v3, which backpropagates through the last stages."""
+    torch.manual_seed(0)
+    model = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, decoder, method_cfg=pm.SPMConfig.lean())
+    assert model.method.grad_crosses_backbone is False
+    assert model.method.prompt_indices == (len(model.staged.stages) - 1,)
+    model.train()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(
+        (torch.is_grad_enabled(), any(t.requires_grad for t in i if torch.is_tensor(t)))))
+        for m in model.backbone.modules() if not list(m.children())]
+    images, labels = make_batch(64, num_classes=3)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = sum(model.loss(images, labels).values())
+    for h in hooks:
+        h.remove()
+    assert seen and not any(g for g, _ in seen), "a backbone module ran with autograd on"
+    assert not any(r for _, r in seen), "a backbone module got an input that needs a gradient"
+    loss.backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(("method.", "decode_head.")) for n in trainable)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    torch.manual_seed(0)
+    v3 = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, decoder).train()
+    v3_saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: v3_saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        sum(v3.loss(images, labels).values())
+    assert sum(saved) < sum(v3_saved), (sum(saved), sum(v3_saved))
+
+
+def test_lean_mode_refuses_a_prompt_into_a_frozen_stage():
+    """In a pass without autograd through the backbone, a boundary before the last that hands
+    on features needing a gradient is an error, not a silently dropped gradient."""
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, method_cfg=pm.SPMConfig.lean()).train()
+    original = model.method.boundary
+    bump = torch.nn.Parameter(torch.zeros(()))
+
+    def leak(index, features, state):
+        out = original(index, features, state)
+        return out + bump if index == 0 else out
+
+    model.method.boundary = leak
+    images, labels = make_batch(64, num_classes=3)
+    with pytest.raises(RuntimeError, match="boundary 0 handed the next stage features that need a gradient"):
+        model.loss(images, labels)
+    with pytest.raises(ValueError, match="lean mode"):
+        pm.SPMConfig(backprop_backbone=False, prompt_boundaries=(-1,))
+
+
+def test_v3_checkpoint_loads_into_the_v3_model():
+    """A prompt checkpoint written by SPM v3 (promptmatch 2026-12-06, before the lean switch
+    existed; tests/data/spm_v3, test_resnet, multi-level decoder, three training steps) loads
+    into a model built with SPMConfig.v3() and gives the logits it gave then."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "spm_v3"
+    meta = pm.read_prompt_metadata(data / "prompts.safetensors")
+    assert "backprop_backbone" not in meta["method_config"]  # written before the field existed
+    ref = torch.load(data / "reference.pt")
+    for cfg in (pm.SPMConfig.v3(), pm.SPMConfig.v3().to_dict()):
+        model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=cfg).eval()
+        pm.load_prompts(model, data / "prompts.safetensors")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ref["images"]), ref["logits"], rtol=1e-5, atol=1e-5)
+    lean = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.lean())
+    with pytest.raises(pm.PromptMismatchError, match="method_config"):
+        pm.load_prompts(lean, data / "prompts.safetensors")

@@ -84,6 +84,10 @@ class TuningMethod(nn.Module):
     #: True for methods whose trainable parameters act inside the backbone's stages (token
     #: prompts, adapters): autograd then runs from the first layer, not the first boundary
     trains_inside_backbone: bool = False
+    #: False for a method whose trainable parameters never change a stage's input (they act
+    #: at the last boundary or on what the decoder reads): the backbone then runs without
+    #: autograd and only the boundaries build a graph (SPM's lean mode). An instance may set it.
+    grad_crosses_backbone: bool = True
     #: True for methods that change the backbone's state_dict keys when attached (peft LoRA)
     renames_backbone_keys: bool = False
     #: What a backbone must have for this method to apply, by name: ``"token_blocks"`` (a

@@ -20,6 +20,7 @@ Design choices left open by the paper are documented in ``docs/spm.md``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -120,6 +121,30 @@ class SPMConfig(MethodConfig):
         metadata={"help": "weight the classes of the interim maps' loss by the inverse of their share of the "
                           "batch, so that a dominant class (background) cannot make the maps uninformative"},
     )
+    read_matcher_stride: Optional[int] = field(
+        default=None,
+        metadata={"help": "finest grid of a matcher whose prompt is read (by the next stage or the decoder), "
+                          "as matcher_stride is for the others (None: matcher_stride for every matcher; 0: a "
+                          "read prompt is made at its boundary's own resolution, so fine structures in a "
+                          "stride-4 decoder level are not averaged away, while observers only the recurrence "
+                          "reads stay on the coarse grid)"},
+    )
+    prompt_gain: float = field(
+        default=1.0,
+        metadata={"help": "fixed factor on the output projection (zero-initialised): with Adam-type optimisers "
+                          "the prompt then moves g times faster than the rest at one learning rate, as LoRA's "
+                          "alpha / r scales its update"},
+    )
+    backprop_backbone: bool = field(
+        default=True,
+        metadata={"help": "False (lean mode, SPMConfig.lean()): no gradient crosses the frozen backbone: "
+                          "only the last boundary prompts the "
+                          "features (which go to the decoder only), every earlier matcher observes (its "
+                          "prompt, with observer_decoder_prompts, goes to what the decoder reads there); the "
+                          "backbone runs without autograd and keeps no activations for backward, so a "
+                          "training step costs the frozen forward plus the matchers and the decoder; "
+                          "prompt_deepest is then ignored"},
+    )
     gate: str = field(
         default="none",
         metadata={"help": "'confidence': multiply the prompt at each position by the interim map's top "
@@ -130,7 +155,8 @@ class SPMConfig(MethodConfig):
     #: the behaviour that checkpoint was trained with (see :meth:`MethodConfig.with_saved_defaults`).
     SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {
         "prompt_boundaries": None, "prompt_deepest": 0, "observer_decoder_prompts": False, "decoder_taps": "prompted", "prompt_dropout": 0.0, "prompt_bound": 0.0,
-        "gate": "none", "interim_targets": "nearest", "interim_class_balance": False}
+        "gate": "none", "interim_targets": "nearest", "interim_class_balance": False, "backprop_backbone": True,
+        "read_matcher_stride": None, "prompt_gain": 1.0}
 
     SAVED_BEFORE_HINT: ClassVar[str] = "method_cfg=promptmatch.SPMConfig.v2() for an SPM v2 checkpoint"
 
@@ -141,6 +167,25 @@ class SPMConfig(MethodConfig):
         decoder only), interim maps supervised by class proportions with balanced classes."""
         base = dict(cls.v2().to_dict(), prompt_deepest=2, observer_decoder_prompts=True, interim_targets="soft",
                     interim_class_balance=True)
+        base.update(changes)
+        return cls(**base)
+
+    @classmethod
+    def v4(cls, **changes: Any) -> "SPMConfig":
+        """The settings of SPM v4 (2026-12-06; not yet the default): lean (no prompt enters a
+        frozen stage, the backbone runs without autograd), every prompt that is read made at its
+        boundary's own resolution (``read_matcher_stride=0``: a stride-4 decoder level gets a
+        stride-4 prompt) and a prompt gain of 4."""
+        base = dict(cls.lean().to_dict(), read_matcher_stride=0, prompt_gain=4.0)
+        base.update(changes)
+        return cls(**base)
+
+    @classmethod
+    def lean(cls, **changes: Any) -> "SPMConfig":
+        """SPM's lean mode: v3's matchers at every boundary, but no prompt enters a frozen stage
+        (``backprop_backbone=False``): the backbone runs without autograd, only the matchers and the decoder
+        are trained through."""
+        base = dict(cls.v3().to_dict(), backprop_backbone=False)
         base.update(changes)
         return cls(**base)
 
@@ -170,6 +215,13 @@ class SPMConfig(MethodConfig):
             raise ValueError(f"SPMConfig.kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
         if not isinstance(self.matcher_stride, int) or isinstance(self.matcher_stride, bool) or self.matcher_stride < 0:
             raise ValueError(f"SPMConfig.matcher_stride must be an int >= 0, got {self.matcher_stride!r}")
+        if (isinstance(self.prompt_gain, bool) or not isinstance(self.prompt_gain, (int, float))
+                or not 0 < self.prompt_gain < float("inf")):
+            raise ValueError(f"SPMConfig.prompt_gain must be a finite number > 0, got {self.prompt_gain!r}")
+        self.prompt_gain = float(self.prompt_gain)
+        rs = self.read_matcher_stride
+        if rs is not None and (not isinstance(rs, int) or isinstance(rs, bool) or rs < 0):
+            raise ValueError(f"SPMConfig.read_matcher_stride must be None or an int >= 0, got {rs!r}")
         if self.prompt_scale not in ("feature", "none"):
             raise ValueError(f"SPMConfig.prompt_scale must be 'feature' or 'none', got {self.prompt_scale!r}")
         if self.zero_init not in ("gamma", "out_proj"):
@@ -199,6 +251,10 @@ class SPMConfig(MethodConfig):
         if self.interim_targets not in ("nearest", "soft"):
             raise ValueError(f"SPMConfig.interim_targets must be 'nearest' or 'soft', got {self.interim_targets!r}")
         self._check_bool("interim_class_balance")
+        self._check_bool("backprop_backbone")
+        if not self.backprop_backbone and self.prompt_boundaries is not None:
+            raise ValueError("SPMConfig.backprop_backbone=False (lean mode) decides which boundaries prompt (the last one only); "
+                             f"leave prompt_boundaries=None (got {self.prompt_boundaries!r})")
         if self.gate not in ("none", "confidence"):
             raise ValueError(f"SPMConfig.gate must be 'none' or 'confidence', got {self.gate!r}")
         if self.gate == "confidence" and not self.semantic_guidance:
@@ -245,7 +301,10 @@ class SemanticPromptMatcher(TuningMethod):
         if bad:
             raise ValueError(f"SPMConfig.boundaries {bad} out of range for a backbone with {n} stages")
         self.boundary_indices = tuple(sorted({b % n for b in bounds}))
-        if config.prompt_boundaries is None:
+        if not config.backprop_backbone:  # lean: nothing enters a later stage: no gradient crosses the backbone
+            self.prompt_indices = tuple(b for b in self.boundary_indices if b == n - 1)
+            self.grad_crosses_backbone = False
+        elif config.prompt_boundaries is None:
             self.prompt_indices = self.boundary_indices[-config.prompt_deepest:] if config.prompt_deepest \
                 else self.boundary_indices
         else:
@@ -275,9 +334,7 @@ class SemanticPromptMatcher(TuningMethod):
                     self.gamma[str(b)] = nn.Parameter(torch.ones(c))
                 else:
                     self.gamma[str(b)] = nn.Parameter(torch.zeros(c))
-            red = self.stages[b].reduction
-            if config.matcher_stride and red < config.matcher_stride:
-                self.pool[str(b)] = max(1, config.matcher_stride // max(red, 1))
+            self._set_pool(b, read=str(b) in self.out_proj)
             if config.semantic_guidance:
                 cls = nn.Conv2d(d, num_classes, 1)
                 nn.init.zeros_(cls.weight)  # uniform interim maps at start, not over-confident ones
@@ -288,6 +345,16 @@ class SemanticPromptMatcher(TuningMethod):
         else:
             self.register_parameter("class_embed", None)
         self.cell = ConvGRUCell(2 * d if config.semantic_guidance else d, d, config.kernel_size)
+
+    def _set_pool(self, b: int, read: bool) -> None:
+        """How much boundary ``b``'s matcher pools its features: to ``matcher_stride``, or to
+        ``read_matcher_stride`` where its prompt is read."""
+        cfg: SPMConfig = self.config
+        stride = cfg.read_matcher_stride if read and cfg.read_matcher_stride is not None else cfg.matcher_stride
+        red = self.stages[b].reduction
+        self.pool.pop(str(b), None)
+        if stride and red < stride:
+            self.pool[str(b)] = max(1, stride // max(red, 1))
 
     def init_state(self) -> Dict[str, Any]:
         return {"interim": {}, "h": None, "taps": []}
@@ -313,6 +380,7 @@ class SemanticPromptMatcher(TuningMethod):
             if b not in self.prompt_indices and b not in read and str(b) in self.out_proj:
                 del self.out_proj[str(b)]
                 del self.gamma[str(b)]
+                self._set_pool(b, read=False)
 
     def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
         """The boundary outputs as a decoder reads them: with ``decoder_taps='before_prompt'``
@@ -325,6 +393,8 @@ class SemanticPromptMatcher(TuningMethod):
                 ) -> torch.Tensor:
         cfg: SPMConfig = self.config
         prompt = self.out_proj[key](h)
+        if cfg.prompt_gain != 1.0:
+            prompt = prompt * cfg.prompt_gain
         if cfg.prompt_bound:
             b = float(cfg.prompt_bound)
             prompt = b * torch.tanh(prompt / b)
@@ -361,7 +431,10 @@ class SemanticPromptMatcher(TuningMethod):
         logits = None
         prompt = None
         for i in range(cfg.iterations):
-            normed, scale = _channel_layer_norm(out)
+            # features no gradient reaches (frozen stages, no prompt yet) need no graph of their
+            # normalisation: only its result is kept, for the projection's weight gradient
+            with contextlib.nullcontext() if out.requires_grad else torch.no_grad():
+                normed, scale = _channel_layer_norm(out)
             z = self.in_proj[key](normed)
             if cfg.semantic_guidance:
                 logits = self.classifier[key](z)

@@ -187,6 +187,13 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
         with self.prompted_session(inputs) as state:
             x = self.backbone(inputs)
+        if (not self.method.grad_crosses_backbone and torch.is_grad_enabled() and self.training
+                and not any(t.requires_grad for t in (x if isinstance(x, (list, tuple)) else [x])
+                            if isinstance(t, Tensor))):
+            raise RuntimeError(
+                f"{type(self.backbone).__name__} returns features computed after its last stage (a final "
+                "norm or reshape, run without autograd in SPM's lean mode), so no gradient would reach the "
+                "matchers: use promptmatch.TimmBackbone, or SPM without lean mode (backprop_backbone=True)")
         if isinstance(x, (list, tuple)):
             x = type(x)(self.method.decoder_features(x, state))
         return x, state

