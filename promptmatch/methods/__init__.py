@@ -3,7 +3,11 @@
 ``spm`` (ours), and the baselines ``linear`` (frozen backbone, head only), ``full``
 (end-to-end fine-tuning), ``bitfit`` (biases), ``vpt`` (visual prompt tokens, ViTs),
 ``lora`` (low-rank adapters through peft, an optional extra) and ``adaptformer``
-(parallel MLP adapters, transformers).
+(parallel MLP adapters, transformers); and peers from recent literature: ``ssf``
+(per-channel scale and shift after every operation), ``mona`` (multi-cognitive conv adapters,
+transformers), ``rein`` (learnable low-rank tokens refining every block's output,
+transformers), ``dora`` (weight-decomposed LoRA through peft) and ``side`` (an E3VA-style side
+adapter: no gradient crosses the backbone).
 """
 from .adaptformer import AdaptFormer, AdaptFormerConfig
 from .base import (
@@ -21,8 +25,12 @@ from .base import (
 from .bitfit import BitFit, BitFitConfig
 from .full import FullFineTune, FullFineTuneConfig
 from .linear import LinearProbe, LinearProbeConfig
-from .lora import LoRA, LoRAConfig
+from .lora import DoRA, DoRAConfig, LoRA, LoRAConfig
+from .mona import Mona, MonaConfig
+from .rein import Rein, ReinConfig
+from .side import SideAdapter, SideAdapterConfig
 from .spm import ConvGRUCell, SemanticPromptMatcher, SPMConfig
+from .ssf import SSF, SSFConfig
 from .vpt import VisualPromptTuning, VPTConfig
 
 __all__ = [
@@ -31,4 +39,6 @@ __all__ = [
     "SPMConfig", "SemanticPromptMatcher", "ConvGRUCell",
     "LinearProbe", "LinearProbeConfig", "FullFineTune", "FullFineTuneConfig", "BitFit", "BitFitConfig",
     "VisualPromptTuning", "VPTConfig", "LoRA", "LoRAConfig", "AdaptFormer", "AdaptFormerConfig",
+    "SSF", "SSFConfig", "Mona", "MonaConfig", "Rein", "ReinConfig", "DoRA", "DoRAConfig",
+    "SideAdapter", "SideAdapterConfig",
 ]

@@ -1,4 +1,5 @@
-"""``lora``: low-rank adapters in the frozen backbone, through peft (Hu et al., ICLR 2022).
+"""``lora``: low-rank adapters in the frozen backbone, through peft (Hu et al., ICLR 2022), and
+``dora``: their weight-decomposed variant (Liu et al., ICML 2024), peft's ``use_dora=True``.
 
 peft is an optional extra (``pip install promptmatch[peft]``); it is imported only when a
 LoRA segmentor is built, never by ``import promptmatch``.
@@ -15,7 +16,7 @@ from torch import nn
 
 from .base import MethodConfig, MethodNotApplicableError, TuningMethod, register_method
 
-__all__ = ["LoRAConfig", "LoRA", "lora_target_modules"]
+__all__ = ["LoRAConfig", "LoRA", "DoRAConfig", "DoRA", "lora_target_modules"]
 
 #: last name components of attention projections adapted by default (timm ViT/DeiT/EVA/
 #: DINOv2/Swin: fused ``qkv``; EVA variants: ``q_proj``/``k_proj``/``v_proj``; PVTv2: ``q``/``kv``)
@@ -188,6 +189,10 @@ class LoRA(TuningMethod):
     trains_inside_backbone = True
     config_class = LoRAConfig
     ADAPTER = "default"
+    #: peft's ``use_dora``: the weight-decomposed variant (:class:`DoRA`)
+    USE_DORA: bool = False
+    #: names of the peft parameters that train (DoRA adds ``lora_magnitude_vector``)
+    TRAINED = ("lora_A", "lora_B")
 
     def attach(self, backbone: nn.Module) -> None:
         cfg: LoRAConfig = self.config
@@ -197,7 +202,7 @@ class LoRA(TuningMethod):
         hooked = {n: backbone.get_submodule(n) for n in stage_names}
         peft_cfg = LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets),
-            bias="none", init_lora_weights=True,
+            bias="none", init_lora_weights=True, use_dora=self.USE_DORA,
         )
         inject_adapter_in_model(peft_cfg, backbone, adapter_name=self.ADAPTER)
         if hasattr(backbone, "peft_config"):
@@ -209,9 +214,42 @@ class LoRA(TuningMethod):
         if moved:  # pragma: no cover - guarded by the clash check above
             raise RuntimeError(f"lora injection replaced the stage modules {moved}: their boundary hooks are lost")
         for name, p in backbone.named_parameters():
-            p.requires_grad_("lora_A" in name or "lora_B" in name)
+            p.requires_grad_(any(t in name for t in self.TRAINED))
         for mod in backbone.modules():
             drop = getattr(mod, "lora_dropout", None)
             if isinstance(drop, nn.ModuleDict) and self.ADAPTER in drop and isinstance(drop[self.ADAPTER], nn.Dropout):
                 drop[self.ADAPTER] = _MethodDropout(cfg.dropout, self)
         self.target_names = tuple(targets)
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """DoRA (Liu et al., *DoRA: Weight-Decomposed Low-Rank Adaptation*, ICML 2024): each target
+    weight is split into a magnitude (one trainable scalar per output channel, initialised to
+    the column norms of ``W``) and a direction updated by LoRA::
+
+        W' = m * (W + (alpha / r) B A) / ||W + (alpha / r) B A||
+
+    With ``B`` zero-initialised, ``W' = W`` at initialisation. Same fields, defaults and targets
+    as :class:`LoRAConfig`, so the two compare at equal rank; ``dropout`` must stay 0: peft applies DoRA's dropout only while the adapted layer is in
+    training mode, and the frozen backbone stays in eval mode, so a dropout would be silently
+    ignored.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dropout != 0.0:
+            raise ValueError(
+                f"DoRAConfig.dropout must be 0, got {self.dropout!r}: peft applies DoRA's dropout only to "
+                "layers in training mode, and the frozen backbone stays in eval mode (it would be ignored)")
+
+
+@register_method
+class DoRA(LoRA):
+    """DoRA through peft (``use_dora=True``): LoRA's adapters plus a trainable magnitude vector
+    per target; everything else (targets, checkpoints, renamed keys) as :class:`LoRA`."""
+
+    name = "dora"
+    config_class = DoRAConfig
+    USE_DORA = True
+    TRAINED = ("lora_A", "lora_B", "lora_magnitude_vector")
