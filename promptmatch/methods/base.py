@@ -130,9 +130,11 @@ class TuningMethod(nn.Module):
         """Told, once the head is built, which stages' features the decoder reads (default: ignored)."""
 
     def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
-        """The features a decoder reads, given the boundary outputs of one pass (by default,
-        those outputs themselves)."""
-        return list(features)
+        """The features a decoder reads, given the boundary outputs of one pass: those outputs,
+        except where a boundary recorded in ``state["taps"]`` a pair (the tensor it returned,
+        the tensor the decoder reads instead), e.g. a change meant for the decoder only."""
+        taps = state.get("taps") or ()
+        return [next((read for returned, read in taps if returned is f), f) for f in features]
 
 
 def interim_losses(

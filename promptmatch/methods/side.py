@@ -26,7 +26,7 @@ state from stage to stage. It applies to every staged backbone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +104,6 @@ class SideAdapter(TuningMethod):
         for key in list(self.up.keys()):
             if int(key) not in read:
                 del self.up[key]
-
-    def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
-        """The boundary outputs, each with the side path's change where it made one."""
-        taps = state.get("taps") or ()  # (tensor the boundary returned, tensor the decoder reads instead)
-        return [next((read for returned, read in taps if returned is f), f) for f in features]
 
     def boundary(self, index: int, features: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
         key = str(index)

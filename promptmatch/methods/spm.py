@@ -20,9 +20,8 @@ Design choices left open by the paper are documented in ``docs/spm.md``.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -382,13 +381,6 @@ class SemanticPromptMatcher(TuningMethod):
                 del self.gamma[str(b)]
                 self._set_pool(b, read=False)
 
-    def decoder_features(self, features: Sequence[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
-        """The boundary outputs as a decoder reads them: with ``decoder_taps='before_prompt'``
-        a prompted boundary before the last stage is read without its prompt; with
-        ``observer_decoder_prompts`` an observing boundary is read with its prompt."""
-        taps = state.get("taps") or ()  # (tensor the boundary returned, tensor the decoder reads instead)
-        return [next((read for returned, read in taps if returned is f), f) for f in features]
-
     def _prompt(self, key: str, h: torch.Tensor, logits: Optional[torch.Tensor], scale: torch.Tensor
                 ) -> torch.Tensor:
         cfg: SPMConfig = self.config
@@ -431,10 +423,7 @@ class SemanticPromptMatcher(TuningMethod):
         logits = None
         prompt = None
         for i in range(cfg.iterations):
-            # features no gradient reaches (frozen stages, no prompt yet) need no graph of their
-            # normalisation: only its result is kept, for the projection's weight gradient
-            with contextlib.nullcontext() if out.requires_grad else torch.no_grad():
-                normed, scale = _channel_layer_norm(out)
+            normed, scale = _channel_layer_norm(out)
             z = self.in_proj[key](normed)
             if cfg.semantic_guidance:
                 logits = self.classifier[key](z)

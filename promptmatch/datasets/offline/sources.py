@@ -281,24 +281,23 @@ def _read_checked_member(zf: zipfile.ZipFile, member: str, sha256: str, wheel: P
 
 
 # ------------------------------------------------------------------------------ source loading
-def _skimage_data_dir() -> Path:
-    # locate the package on sys.path without importing it (nor consulting sys.modules)
-    spec = importlib.machinery.PathFinder.find_spec("skimage")
+def _package_data_dir(package: str, subdir: str, missing: str) -> Path:
+    """``subdir`` of an installed ``package``, located on sys.path without importing it (nor
+    consulting sys.modules); ``missing`` is the error message when it is not installed."""
+    spec = importlib.machinery.PathFinder.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceNotFoundError(
-            "the offline datasets are built from the sample images of scikit-image, which is "
-            "not installed: python -m pip install scikit-image")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+        raise SourceNotFoundError(missing)
+    return Path(list(spec.submodule_search_locations)[0]) / subdir
+
+
+def _skimage_data_dir() -> Path:
+    return _package_data_dir("skimage", "data", "the offline datasets are built from the sample images of "
+                             "scikit-image, which is not installed: python -m pip install scikit-image")
 
 
 def _matplotlib_sample_dir() -> Path:
-    # as _skimage_data_dir: found on sys.path, never imported
-    spec = importlib.machinery.PathFinder.find_spec("matplotlib")
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceNotFoundError(
-            "this offline dataset reads a sample image of matplotlib, which is not installed: "
-            "python -m pip install matplotlib")
-    return Path(list(spec.submodule_search_locations)[0]) / "mpl-data" / "sample_data"
+    return _package_data_dir("matplotlib", "mpl-data/sample_data", "this offline dataset reads a sample image "
+                             "of matplotlib, which is not installed: python -m pip install matplotlib")
 
 
 #: Where the files of each package origin are, and the package's pip name.
