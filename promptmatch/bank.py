@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_prompts, read_prompt_metadata
-from .methods import saved_method_config
+from .methods import get_method, saved_method_config
 from .segmentor import PromptSegmentor
 
 __all__ = ["PromptBank"]
@@ -39,6 +39,9 @@ class PromptBank(nn.Module):
         if name in self.prompts:
             raise ValueError(f"a dataset named {name!r} is already in the bank")
         meta = read_prompt_metadata(path)
+        if not get_method(meta["method"]).shares_backbone:
+            self._refuse_sharing(name, meta["method"])
+        self._refuse_sharing_with_loaded(name)
         seg = PromptSegmentor(
             self.backbone,
             num_classes=meta["num_classes"],
@@ -55,11 +58,35 @@ class PromptBank(nn.Module):
         ref = next(self.backbone.parameters(), None)
         if ref is not None:
             seg.to(device=ref.device, dtype=ref.dtype)
+        if not seg.method.shares_backbone:
+            if hasattr(seg.method, "detach"):
+                seg.method.detach()
+            self._refuse_sharing(name, meta["method"])
         load_prompts(seg, path)
         seg.eval()
         # register the prompt parts only; the backbone stays one module of the bank
         self.prompts[name] = _PromptParts(seg)
         return seg
+
+    def _refuse_sharing(self, name: str, method: str) -> None:
+        """Refuse ``name`` (a ``method`` that changes the backbone for every pass) unless it
+        is the only dataset of the bank."""
+        if len(self.prompts):
+            raise ValueError(
+                f"cannot add {name!r} to this bank: its method {method!r} changes the backbone itself for "
+                f"every pass (its weights or layers), so the datasets already loaded ({sorted(self.prompts)}) "
+                "would run through it too. Give it its own backbone: a separate PromptBank, or "
+                "a PromptSegmentor built around its own backbone, then promptmatch.load_prompts"
+            )
+
+    def _refuse_sharing_with_loaded(self, name: str) -> None:
+        for other, parts in self.prompts.items():
+            if not parts.segmentor.method.shares_backbone:
+                raise ValueError(
+                    f"cannot add {name!r} to this bank: {other!r} (method {parts.segmentor.method_name!r}) changes "
+                    "the backbone itself for every pass, so it cannot share its backbone; build a separate "
+                    "PromptBank for the other datasets"
+                )
 
     def segmentor(self, name: str) -> PromptSegmentor:
         """The segmentor of dataset ``name`` (it shares the bank's backbone)."""

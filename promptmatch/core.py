@@ -175,9 +175,10 @@ class PromptedCore:
     def prompted_features(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
         """Boundary features after the method acted on them, and the method's per-pass state."""
         state = self.method.init_state()
-        feats = self.staged.forward(images, on_boundary=self._boundary_fn(state),
-                                    autograd_from_start=self.method.trains_inside_backbone,
-                                    autograd_at_boundaries_only=not self.method.grad_crosses_backbone)
+        with self.method.acting():
+            feats = self.staged.forward(images, on_boundary=self._boundary_fn(state),
+                                        autograd_from_start=self.method.trains_inside_backbone,
+                                        autograd_at_boundaries_only=not self.method.grad_crosses_backbone)
         return feats, state
 
     @contextmanager
@@ -185,9 +186,10 @@ class PromptedCore:
         """Within the block, calling the backbone runs it with the method between its stages;
         yields the method's per-pass state (interim maps)."""
         state = self.method.init_state()
-        with self.staged.session(images, on_boundary=self._boundary_fn(state),
-                                 autograd_from_start=self.method.trains_inside_backbone,
-                                 autograd_at_boundaries_only=not self.method.grad_crosses_backbone):
+        with self.method.acting(), self.staged.session(
+                images, on_boundary=self._boundary_fn(state),
+                autograd_from_start=self.method.trains_inside_backbone,
+                autograd_at_boundaries_only=not self.method.grad_crosses_backbone):
             yield state
 
     # ------------------------------------------------------- trainable parts

@@ -296,25 +296,6 @@ def test_side_changes_what_the_decoder_reads_never_the_next_stage():
         SideAdapterConfig(kernel_size=4)
 
 
-def test_side_checkpoints_share_a_backbone_in_a_bank(tmp_path):
-    """``side`` acts only at the boundaries of its own pass: two of its checkpoints on one
-    shared backbone each give their own model's logits."""
-    images, _ = make_batch(64, n=1)
-    refs, paths = {}, {}
-    for name, seed in (("a", 1), ("b", 2)):
-        model = build("side", "test_resnet", decoder="multilevel", seed=0)
-        perturb(model, 0.1, seed=seed)
-        with torch.no_grad():
-            refs[name] = model.eval()(images)
-        paths[name] = pm.save_prompts(model, tmp_path / f"{name}.safetensors")
-    bank = pm.PromptBank(make_backbone("test_resnet", {}, seed=0)).eval()
-    for name, path in paths.items():
-        bank.add(name, path)
-    with torch.no_grad():
-        for name in ("b", "a"):
-            torch.testing.assert_close(bank(images, name), refs[name], rtol=0, atol=0)
-
-
 # ------------------------------------------------------------------ files
 @pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
 @pytest.mark.parametrize("method", PEERS)

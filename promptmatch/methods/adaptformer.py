@@ -120,7 +120,7 @@ class AdaptFormer(TuningMethod):
                 self.adapters.to(ref.device)
         self.adapted_modules = tuple(n for n, _, _, _ in mlps)
         for i, (_, mlp, _, _) in enumerate(mlps):
-            self._handles.append(mlp.register_forward_hook(self._make_hook(i)))
+            self._handles.append(mlp.register_forward_hook(self.gated(self._make_hook(i))))
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""

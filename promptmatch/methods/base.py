@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -12,6 +14,17 @@ from ..staging import Stage
 
 __all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "interim_losses", "register_method", "unregister_method", "get_method",
            "list_methods", "build_method"]
+
+
+_ACTING = threading.local()
+
+
+def _acting_counts() -> Dict[int, int]:
+    """``id()`` of each method whose pass runs in this thread, with its nesting depth."""
+    counts = getattr(_ACTING, "counts", None)
+    if counts is None:
+        counts = _ACTING.counts = {}
+    return counts
 
 
 class MethodNotApplicableError(ValueError):
@@ -99,6 +112,12 @@ class TuningMethod(nn.Module):
     #: True when a freshly built method leaves the backbone's features exactly as the frozen
     #: backbone computes them (nothing injected, or zero-initialised injections)
     starts_as_backbone: ClassVar[bool] = True
+    #: False for methods that change the backbone module for every pass through it (its own
+    #: weights: bitfit, full; peft layers: lora, dora): one backbone then cannot serve other
+    #: checkpoints too (a :class:`~promptmatch.PromptBank` refuses). Hooks made with
+    #: :meth:`gated` act only in the method's own passes and keep a method shareable. An
+    #: instance may set it (e.g. when :meth:`attach` had to change backbone attributes).
+    shares_backbone: bool = True
 
     def __init__(self, stages: Sequence[Stage], num_classes: int, config: MethodConfig) -> None:
         super().__init__()
@@ -112,6 +131,32 @@ class TuningMethod(nn.Module):
 
     def init_state(self) -> Dict[str, Any]:
         return {"interim": {}}
+
+    @contextmanager
+    def acting(self) -> Iterator[None]:
+        """Within the block, hooks this method made with :meth:`gated` act (in this thread);
+        the segmentor runs each of its passes inside it."""
+        counts, key = _acting_counts(), id(self)
+        counts[key] = counts.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            counts[key] -= 1
+            if not counts[key]:
+                del counts[key]
+
+    def gated(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """``hook`` (a forward or forward-pre hook for a backbone module) made to act only
+        within :meth:`acting`, i.e. in this method's own passes: another segmentor sharing the
+        backbone (a :class:`~promptmatch.PromptBank`) sees the module unchanged."""
+        key = id(self)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if key not in _acting_counts():
+                return None  # a hook returning None leaves the module's input/output as it is
+            return hook(*args, **kwargs)
+
+        return run
 
     def boundary(self, index: int, features: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
         return features

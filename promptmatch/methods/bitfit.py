@@ -48,6 +48,7 @@ class BitFit(TuningMethod):
 
     name = "bitfit"
     trains_inside_backbone = True
+    shares_backbone = False  # its biases are the backbone's own
     config_class = BitFitConfig
 
     def attach(self, backbone: nn.Module) -> None:

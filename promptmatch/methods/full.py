@@ -43,6 +43,7 @@ class FullFineTune(TuningMethod):
     config_class = FullFineTuneConfig
     freezes_backbone = False
     backbone_lr_mult = 0.1
+    shares_backbone = False
 
     def __init__(self, stages, num_classes: int, config: FullFineTuneConfig) -> None:
         super().__init__(stages, num_classes, config)

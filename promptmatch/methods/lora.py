@@ -187,6 +187,7 @@ class LoRA(TuningMethod):
     name = "lora"
     renames_backbone_keys = True
     trains_inside_backbone = True
+    shares_backbone = False  # peft's layers replace the backbone's own
     config_class = LoRAConfig
     ADAPTER = "default"
     #: peft's ``use_dora``: the weight-decomposed variant (:class:`DoRA`)

@@ -181,12 +181,12 @@ class Mona(TuningMethod):
                 self.adapters.to(ref.device)
         self.adapted_modules = tuple(n for n, _, _ in blocks)
         if isinstance(pe, nn.Module):
-            self._handles.append(pe.register_forward_hook(self._on_patch_embed))
+            self._handles.append(pe.register_forward_hook(self.gated(self._on_patch_embed)))
         for i, (_, blk, _) in enumerate(blocks):
-            self._handles.append(blk.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
-            self._handles.append(blk.drop_path1.register_forward_hook(self._make_attn_hook(i)))
+            self._handles.append(blk.register_forward_pre_hook(self.gated(self._make_pre_hook(i)), with_kwargs=True))
+            self._handles.append(blk.drop_path1.register_forward_hook(self.gated(self._make_attn_hook(i))))
             # before any other hook: a stage boundary on the block sees the adapted output
-            self._handles.append(blk.register_forward_hook(self._make_mlp_hook(i), prepend=True))
+            self._handles.append(blk.register_forward_hook(self.gated(self._make_mlp_hook(i)), prepend=True))
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""

@@ -90,7 +90,7 @@ class Rein(TuningMethod):
         self.adapted_modules = tuple(n for n, _, _ in blocks)
         for i, (_, blk, _) in enumerate(blocks):
             # before any other hook: a stage boundary on the block sees the refined output
-            self._handles.append(blk.register_forward_hook(self._make_hook(i), prepend=True))
+            self._handles.append(blk.register_forward_hook(self.gated(self._make_hook(i)), prepend=True))
 
     def _build(self, backbone: nn.Module) -> None:
         cfg: ReinConfig = self.config

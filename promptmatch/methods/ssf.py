@@ -200,7 +200,7 @@ class SSF(TuningMethod):
         self._targets = [(m, d) for _, m, d, _ in targets]
         for i, (_, m, d, _) in enumerate(targets):
             # before any other hook (a stage boundary on the same module sees the adapted output)
-            self._handles.append(m.register_forward_hook(self._make_hook(i, d), prepend=True))
+            self._handles.append(m.register_forward_hook(self.gated(self._make_hook(i, d)), prepend=True))
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""

@@ -133,9 +133,11 @@ class VisualPromptTuning(TuningMethod):
                 if isinstance(npt, int) and not isinstance(npt, bool):
                     self._npt_patched.append((m, npt))
                     m.num_prefix_tokens = npt + cfg.num_tokens
+        # the changed attention attributes act in every pass through the backbone
+        self.shares_backbone = not self._npt_patched
         hooked = blocks if cfg.deep else blocks[:1]
         for i, blk in enumerate(hooked):
-            self._handles.append(blk.register_forward_pre_hook(self._make_hook(i), with_kwargs=True))
+            self._handles.append(blk.register_forward_pre_hook(self.gated(self._make_hook(i)), with_kwargs=True))
 
     def detach(self) -> None:
         """Remove the hooks and undo the attention changes; the backbone is plain again."""
@@ -145,6 +147,7 @@ class VisualPromptTuning(TuningMethod):
         for m, npt in self._npt_patched:
             m.num_prefix_tokens = npt
         self._npt_patched = []
+        self.shares_backbone = True
         object.__setattr__(self, "_backbone_ref", None)
 
     # ------------------------------------------------------------------- hooks
