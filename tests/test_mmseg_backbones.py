@@ -147,9 +147,9 @@ def test_registered_names_do_not_collide_with_mmseg():
     assert not set(DATASETS.module_dict) & set(MMSEG_DATASETS.module_dict)
 
 
-@pytest.mark.parametrize("method", ["linear", "full", "bitfit", "lora", "vpt", "adaptformer", "spm"])
+@pytest.mark.parametrize("method", ["linear", "full", "bitfit", "lora", "vpt", "adaptformer", "spm",
+                                    "ssf", "mona", "rein", "dora", "side"])
 def test_every_method_through_the_mmseg_model(method):
-    pytest.importorskip("peft") if method == "lora" else None
     backbone = dict(type="promptmatch.TimmBackbone", model_name="test_vit", out_indices=(0, 1, 2, 3))
     model = build("promptmatch.PromptEncoderDecoder", backbone, head("uper", [64] * 4), method=method)
     images, samples = batch()
@@ -157,7 +157,7 @@ def test_every_method_through_the_mmseg_model(method):
     assert model.backbone.training == (method == "full")
     sum(v for k, v in model.loss(images, samples).items() if "loss" in k).backward()
     trainable_backbone = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
-    if method in ("linear", "spm", "vpt", "adaptformer"):
+    if method not in ("full", "bitfit", "lora", "dora"):  # the others train parts of their own
         assert not trainable_backbone
     else:
         # everything trainable up to the last stage gets a gradient (the final norm is never run)
