@@ -185,6 +185,14 @@ def test_profiles_validate_and_grid():
         assert bm.expand_grid(bm.load_spec(example)), example  # the shipped example specs validate
     keys = [c.key for c in bm.expand_grid(quick)]
     assert len(keys) == len(set(keys))
+    peers = bm.load_spec(bm.profile_path("peers"))  # issue 18: every peer, both backbones, three seeds
+    per_backbone = {b["name"]: set(b["methods"]) for b in peers.backbones}
+    assert {"ssf", "dora", "side", "lora", "linear", "spm"} <= per_backbone["efficientnet_lite0"]
+    assert per_backbone["vit_small_patch14_dinov2"] == per_backbone["efficientnet_lite0"] | {"mona", "rein"}
+    assert peers.seeds == [0, 1, 2] and {s["decoder"] for s in peers.settings} == {"linear", "multilevel"}
+    peer_cells = bm.expand_grid(peers)
+    assert all(len(bm.method_lrs(c.settings, c.method)) == 3 for c in peer_cells)  # a fair lr per method
+    assert not {d["name"] for d in peers.datasets} & {"texture_bands", "scale_objects"}  # SPM's held-out sets
 
 
 def test_method_variants_and_per_backbone_methods(tmp_path):
