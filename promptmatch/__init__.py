@@ -4,7 +4,7 @@ A frozen CNN or ViT is split into stages and a trainable, recurrent Semantic-awa
 Matcher (SPM) sits between them; only the matchers and the decode head train, and each
 dataset keeps a small prompt checkpoint.
 """
-from .backbones import WeightsNotFoundError, create_backbone
+from .backbones import WeightsNotFoundError, create_backbone, input_normalisation
 from .bank import PromptBank
 from .checkpoint import (
     PromptChecksumError,
@@ -63,6 +63,7 @@ __all__ = [
     "__version__",
     "create_segmentor",
     "create_backbone",
+    "input_normalisation",
     "PromptSegmentor",
     "PromptCheckpointable",
     "PromptBank",

@@ -4,12 +4,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["create_backbone", "WeightsNotFoundError", "ALLOW_DOWNLOAD_ENV"]
+__all__ = ["create_backbone", "input_normalisation", "WeightsNotFoundError", "ALLOW_DOWNLOAD_ENV"]
 
 _logger = logging.getLogger(__name__)
 
@@ -55,6 +55,47 @@ def _cached_pretrained_file(name: str) -> Optional[str]:
         if path.is_file():
             return str(path)
     return None
+
+
+Triple = Tuple[float, float, float]
+
+
+def _cfg_stats(cfg: Any) -> Optional[Tuple[Triple, Triple]]:
+    """``(mean, std)`` of a timm pretrained config (a dict or a ``PretrainedCfg``), if it has both."""
+    if cfg is None:
+        return None
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    mean, std = get("mean"), get("std")
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except TypeError:
+        return None
+    return (mean, std) if len(mean) == 3 and len(std) == 3 else None  # type: ignore[return-value]
+
+
+def input_normalisation(backbone: Union[nn.Module, str]) -> Tuple[Triple, Triple]:
+    """The per-channel ``(mean, std)`` on the 0..1 scale that ``backbone``'s pretrained weights
+    expect: its timm ``pretrained_cfg`` (for a model or a timm model name; e.g. 0.5 / 0.5 for
+    ``vit_base_patch16_224``, CLIP's statistics for CLIP models), ImageNet's where none is
+    recorded. Every promptmatch path that normalises raw images (the folder engine, the
+    in-memory benchmark, :func:`promptmatch.predict`) uses it through the segmentor's
+    ``input_normalisation``."""
+    from .constants import IMAGENET_MEAN, IMAGENET_STD
+
+    if isinstance(backbone, str):
+        try:
+            from timm.models import get_pretrained_cfg
+
+            found = _cfg_stats(get_pretrained_cfg(backbone))
+        except Exception:  # an unknown name: no record
+            found = None
+        return found or (IMAGENET_MEAN, IMAGENET_STD)
+    for m in (backbone, getattr(backbone, "model", None)):  # mmseg's TimmBackbone wraps the timm model
+        if isinstance(m, nn.Module):
+            found = _cfg_stats(getattr(m, "pretrained_cfg", None))
+            if found:
+                return found
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _model_kwargs_for_segmentation(name: str) -> dict:

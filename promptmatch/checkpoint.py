@@ -112,9 +112,11 @@ def describe_model(
     class_names: Optional[List[str]],
     ignore_index: int,
     architecture: str,
+    input_normalisation: Optional[Any] = None,
 ) -> Dict[str, Any]:
-    """The identity record a prompt checkpoint stores and :func:`load_prompts` checks."""
-    return {
+    """The identity record a prompt checkpoint stores and :func:`load_prompts` checks
+    (``input_normalisation`` is recorded, not checked: see :func:`recorded_normalisation`)."""
+    record = {
         "method": method,
         "method_config": dict(method_config),
         "decoder": decoder,
@@ -128,6 +130,22 @@ def describe_model(
             "stage_modules": [s.module for s in model.staged.stages],
         },
     }
+    if input_normalisation is not None:
+        mean, std = input_normalisation
+        record["input_normalisation"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    return record
+
+
+def recorded_normalisation(meta: Mapping[str, Any]) -> Any:
+    """``(mean, std)`` a checkpoint's model normalised raw images with; ImageNet's for files
+    written before it was recorded (2026-12-06), which is what promptmatch's folder engine,
+    in-memory benchmark and ``predict`` used for every backbone until then."""
+    from .constants import IMAGENET_MEAN, IMAGENET_STD
+
+    rec = meta.get("input_normalisation")
+    if not rec:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(float(v) for v in rec["mean"]), tuple(float(v) for v in rec["std"])
 
 
 def _metadata(model: nn.Module, extra: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -264,4 +282,6 @@ def load_prompts(model: nn.Module, path: PathLike) -> Dict[str, Any]:
         raise PromptMismatchError(f"prompt checkpoint {str(path)!r} does not match this model: " + ", ".join(parts))
     result = model.load_state_dict(tensors, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
+    if hasattr(model, "input_normalisation"):  # predict with what it was trained with
+        model.input_normalisation = recorded_normalisation(meta)
     return meta

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
-from .checkpoint import PromptChecksumError, PromptMismatchError, backbone_architecture, identity_differences
+from .checkpoint import (PromptChecksumError, PromptMismatchError, backbone_architecture, identity_differences,
+                         recorded_normalisation)
 from .records import (
     PROMPT_METADATA_KEY,
     SEGMENTOR_METADATA_KEY,
@@ -419,6 +420,7 @@ def load_segmentor(path: PathLike, device: Union[str, torch.device] = "cpu") -> 
             raise MergedSegmentorError(
                 f"merged segmentor {str(path)!r}: the loaded model's identity differs from its record; nothing "
                 "was returned:\n  - " + "\n  - ".join(idiffs))
+    seg.input_normalisation = recorded_normalisation(identity or {})
     seg = seg.to(device).eval()
     _logger.info("loaded merged segmentor %s (%s, %s) in %.2fs", path, meta["backbone"]["timm_name"],
                  meta["segmentor"]["method"], time.perf_counter() - t0)

@@ -307,8 +307,8 @@ def predict(
     return_logits: bool = False,
     amp: Optional[str] = None,
     channels_last: bool = False,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
     progress: Optional[bool] = None,
     device: Optional[Union[str, torch.device]] = None,
     size_divisor: Optional[int] = None,
@@ -332,7 +332,9 @@ def predict(
             the horizontally flipped logits of the flipped image (padded on its right side too).
         return_logits: also return the float32 logits (K, H, W) per image.
         amp: ``"bf16"`` (or ``"fp16"`` on CUDA) autocast; ``channels_last``: channels-last inputs.
-        mean, std: per-channel statistics on the 0..1 scale for raw inputs (default ImageNet's).
+        mean, std: per-channel statistics on the 0..1 scale for raw inputs; default: the
+            model's ``input_normalisation`` (a :class:`~promptmatch.PromptSegmentor`'s: its
+            backbone's pretrained statistics, or what its loaded checkpoint recorded), else ImageNet's.
         progress: show a tqdm bar; ``None``: for a folder input or more than 4 images.
         device: where to run; the model is moved there in place. Default: the model's device.
         size_divisor: also pad sides to multiples of this (e.g. 32); default: only what the
@@ -374,7 +376,9 @@ def predict(
         model.to(run_device)
         dtype = _model_device_dtype(model)[1]
     check_amp(amp, run_device.type)  # before any image is read
-    mean_t, std_t = _stats(mean, "mean"), _stats(std, "std")
+    own_mean, own_std = getattr(model, "input_normalisation", None) or (IMAGENET_MEAN, IMAGENET_STD)
+    mean_t = _stats(own_mean if mean is None else mean, "mean")
+    std_t = _stats(own_std if std is None else std, "std")
 
     items: List[_Item] = []
     kind, has_folder = _expand(images, mean_t, std_t, items, top=True)

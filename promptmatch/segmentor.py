@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_backbone
+from .backbones import create_backbone, input_normalisation
 from .checkpoint import backbone_architecture, describe_model
 from .core import PromptedCore
 from .decoders import DecoderConfig, build_decoder, get_decoder
@@ -54,6 +54,9 @@ class PromptSegmentor(PromptedCore, nn.Module):
         self.class_names = class_names
         self.ignore_index = ignore_index
         self.backbone = backbone
+        #: ``(mean, std)`` (0..1 scale) raw images are normalised with, in training and prediction:
+        #: the backbone's pretrained statistics; a loaded checkpoint's record replaces it
+        self.input_normalisation = input_normalisation(backbone)
         get_decoder(decoder)  # an unknown name fails before the backbone is touched
         get_method(method)  # an unknown name fails before the backbone is touched
 
@@ -147,6 +150,7 @@ class PromptSegmentor(PromptedCore, nn.Module):
             class_names=self.class_names,
             ignore_index=self.ignore_index,
             architecture=backbone_architecture(self.backbone),
+            input_normalisation=self.input_normalisation,
         )
 
 

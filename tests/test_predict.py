@@ -15,7 +15,7 @@ from torch import nn
 
 import promptmatch as pm
 from promptmatch.inference import segment_logits
-from promptmatch.predict import IMAGENET_MEAN, IMAGENET_STD, SizeRule, predict, size_rule
+from promptmatch.predict import SizeRule, predict, size_rule
 
 from conftest import make_backbone
 
@@ -53,10 +53,14 @@ def _u8(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 def _norm(u8: np.ndarray) -> torch.Tensor:
-    """The (3, H, W) normalised tensor of a uint8 (H, W, 3) array, by hand."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    """The (3, H, W) normalised tensor of a uint8 (H, W, 3) array, by hand, with the statistics
+    of timm's test models (0.5 / 0.5: the models' ``input_normalisation``, predict's default)."""
+    mean = torch.tensor(HALF[0]).view(3, 1, 1)
+    std = torch.tensor(HALF[1]).view(3, 1, 1)
     return (torch.from_numpy(u8).permute(2, 0, 1).float() / 255 - mean) / std
 
 

@@ -184,8 +184,11 @@ class MemoryEngine:
 
         c, size = self.cell, self.cell.settings["image_size"]
         train_split = c.dataset.get("train_split", "train")
-        self.train = memory_tensors(c.dataset, train_split, size)
-        self.evals = {key: memory_tensors(entry, split, size) for key, entry, split in eval_sets(c)}
+        from promptmatch.backbones import input_normalisation
+
+        self.normalisation = input_normalisation(c.backbone["name"])  # the segmentor's, before it is built
+        self.train = memory_tensors(c.dataset, train_split, size, self.normalisation)
+        self.evals = {key: memory_tensors(entry, split, size, self.normalisation) for key, entry, split in eval_sets(c)}
         self.classes = entry_classes(c.dataset)
         self.eval_classes = {key: self.classes if entry is c.dataset else entry_classes(entry)
                              for key, entry, split in eval_sets(c)}

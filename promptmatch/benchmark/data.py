@@ -54,16 +54,19 @@ def entry_classes(entry: Mapping[str, Any]) -> List[str]:
     return entry_source(entry).classes(entry)
 
 
-def memory_tensors(entry: Mapping[str, Any], split: str, size: Optional[int]) -> Tuple[Any, Any]:
-    """``(images, labels)`` of one split as tensors (normalised float NCHW, int64 NHW),
-    resized to ``size`` x ``size`` when given; for the in-memory engine (small data only)."""
+def memory_tensors(entry: Mapping[str, Any], split: str, size: Optional[int],
+                   normalisation: Optional[Tuple[Any, Any]] = None) -> Tuple[Any, Any]:
+    """``(images, labels)`` of one split as tensors (float NCHW normalised with ``normalisation``,
+    ``(mean, std)`` on the 0..1 scale, default ImageNet's; int64 NHW), resized to ``size`` x
+    ``size`` when given; for the in-memory engine (small data only)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     imgs, labels = entry_source(entry).arrays(entry, split, size)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    stats = normalisation or (IMAGENET_MEAN, IMAGENET_STD)
+    mean = torch.tensor(stats[0], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(stats[1], dtype=torch.float32).view(1, 3, 1, 1)
     x = (torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float().div_(255) - mean) / std
     y = torch.from_numpy(labels.astype(np.int64))
     if size and (x.shape[-2], x.shape[-1]) != (size, size):

@@ -178,7 +178,7 @@ class RunnerEngine:
         from promptmatch.training import confusion_matrix, evaluate_segmentor
 
         s = self.cell.settings
-        x, y = memory_tensors(entry, split, s.get("image_size"))
+        x, y = memory_tensors(entry, split, s.get("image_size"), getattr(seg, "input_normalisation", None))
         ev = self._eval_options()
         k = len(entry_classes(entry))
         _, _, preds = evaluate_segmentor(seg, x, y, k, batch=s["eval_batch"], device=self.device,

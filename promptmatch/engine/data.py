@@ -38,6 +38,8 @@ class FolderSegDataset(Dataset):
         indices: only these samples (positions in stem order), e.g. a held-out part.
         seed: the augmentation's random seed; each DataLoader worker (and each process of a
             distributed run) draws from its own stream derived from it.
+        normalisation: ``(mean, std)`` on the 0..1 scale (a segmentor's ``input_normalisation``);
+            default ImageNet's.
 
     Items are dicts: ``inputs`` (normalised float ``(3, h, w)``), ``labels`` (int64 ``(H, W)``,
     the ignore index where there is no class) and ``metas`` (file names and original size).
@@ -46,8 +48,10 @@ class FolderSegDataset(Dataset):
     """
 
     def __init__(self, folder: FolderDataset, split: str, augment: Optional[TrainAugment] = None,
-                 eval_scale: Optional[Size2] = None, indices: Optional[Sequence[int]] = None, seed: int = 0) -> None:
+                 eval_scale: Optional[Size2] = None, indices: Optional[Sequence[int]] = None, seed: int = 0,
+                 normalisation: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> None:
         self.folder = folder
+        self.normalisation = tuple(normalisation) if normalisation is not None else None
         self.split = split
         self.augment = augment
         self.eval_scale = tuple(eval_scale) if eval_scale is not None else None
@@ -123,7 +127,7 @@ class FolderSegDataset(Dataset):
         else:
             image = eval_resize(image, self.eval_scale)
         img_path, mask_path = self.pairs[index]
-        return {"inputs": normalise(image), "labels": torch.from_numpy(np.ascontiguousarray(label)).long(),
+        return {"inputs": normalise(image, *self.normalisation) if self.normalisation else normalise(image), "labels": torch.from_numpy(np.ascontiguousarray(label)).long(),
                 "metas": {"img_path": str(img_path), "seg_map_path": str(mask_path), "ori_size": ori}}
 
 

@@ -214,8 +214,11 @@ def build_runner(cfg: FolderTrainConfig, segmentor: nn.Module, folder: FolderDat
     ev = cfg.eval_options()
     augment = TrainAugment(crop=crop, ratio_range=tuple(cfg.ratio_range), cat_max_ratio=cfg.cat_max_ratio,
                            photometric=cfg.photometric, ignore_index=folder.ignore_index)
-    train_ds = FolderSegDataset(folder, cfg.train_split, augment=augment, indices=cfg.train_indices, seed=cfg.seed)
-    val_ds = FolderSegDataset(folder, cfg.val_split, eval_scale=ev["eval_scale"], indices=cfg.val_indices)
+    norm = getattr(segmentor, "input_normalisation", None)
+    train_ds = FolderSegDataset(folder, cfg.train_split, augment=augment, indices=cfg.train_indices, seed=cfg.seed,
+                                normalisation=norm)
+    val_ds = FolderSegDataset(folder, cfg.val_split, eval_scale=ev["eval_scale"], indices=cfg.val_indices,
+                              normalisation=norm)
     model = SegmentorModel(segmentor, eval_mode=cfg.eval_mode, eval_crop=tuple(ev["eval_crop"]),
                            eval_stride=tuple(ev["eval_stride"]), amp=cfg.amp, max_bad_steps=cfg.max_bad_steps)
     optim = build_optim_wrapper(segmentor, cfg.lr, cfg.weight_decay, cfg.amp, device_type)
@@ -400,7 +403,8 @@ def evaluate_folder(segmentor: nn.Module, folder: FolderDataset, split: str, *, 
 
     device = device or next(segmentor.parameters()).device
     segmentor.to(device)
-    ds = FolderSegDataset(folder, split, eval_scale=tuple(eval_scale) if eval_scale else None, indices=indices)
+    ds = FolderSegDataset(folder, split, eval_scale=tuple(eval_scale) if eval_scale else None, indices=indices,
+                          normalisation=getattr(segmentor, "input_normalisation", None))
     model = SegmentorModel(segmentor, eval_mode=eval_mode, eval_crop=tuple(eval_crop) if eval_crop else None,
                            eval_stride=tuple(eval_stride) if eval_stride else None, amp=amp).to(device)
     model.eval()
