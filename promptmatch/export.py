@@ -33,6 +33,7 @@ results there is re-exported with spatial axes fixed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -383,6 +384,7 @@ def export_onnx(
                 _logger.warning("ONNX export: %s", note)
                 notes.append(note)
                 continue
+            _record_normalisation(tmp, model)
             try:
                 import onnx
 
@@ -449,3 +451,20 @@ def export_onnx(
                  "agreement %s", what, path, report.file_bytes / 1e6, opset, report.dynamic_axes or "none",
                  time.perf_counter() - t0, report.max_abs_diff, report.argmax_agreement)
     return report
+
+
+def _record_normalisation(path: Path, model: nn.Module) -> None:
+    """Write the ``(mean, std)`` the graph's inputs must be normalised with (a segmentor's
+    ``input_normalisation``) into the file's metadata as ``input_mean`` / ``input_std``."""
+    stats = getattr(model, "input_normalisation", None)
+    if stats is None:
+        return
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - onnx comes with the exporter
+        return
+    graph = onnx.load(str(path))
+    for key, values in zip(("input_mean", "input_std"), stats):
+        prop = graph.metadata_props.add()
+        prop.key, prop.value = key, json.dumps([float(v) for v in values])
+    onnx.save(graph, str(path))

@@ -94,3 +94,15 @@ def test_folder_dataset_and_memory_tensors_use_the_given_statistics(tmp_path):
     torch.testing.assert_close(x_half, (x_img * torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)
                                         + torch.tensor(IMAGENET[0]).view(1, 3, 1, 1) - 0.5) / 0.5,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_file_records_the_statistics(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from promptmatch.export import export_onnx
+
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "linear", 3).eval()
+    out = tmp_path / "m.onnx"
+    export_onnx(model, out, image_size=(32, 32))
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["input_mean"] == "[0.5, 0.5, 0.5]" and props["input_std"] == "[0.5, 0.5, 0.5]"
