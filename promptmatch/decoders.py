@@ -58,6 +58,14 @@ class LinearDecoderConfig(DecoderConfig):
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout2d before the classifier"})
     norm: bool = dataclasses.field(default=True, metadata={
         "help": "BatchNorm before the classifier (off: mmseg's FCNHead without convolutions, with dropout 0.1)"})
+    init_std: Optional[float] = dataclasses.field(default=None, metadata={
+        "help": "classifier weights drawn from N(0, init_std^2) with zero bias, as mmseg's decode heads "
+                "(0.01); None: PyTorch's default (uniform)"})
+
+    def __post_init__(self) -> None:
+        v = self.init_std
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ValueError(f"LinearDecoderConfig.init_std must be None or a positive number, got {v!r}")
 
 
 @dataclasses.dataclass
@@ -122,12 +130,16 @@ class LinearDecoder(nn.Module):
 
     config_class = LinearDecoderConfig
 
-    def __init__(self, stages: Sequence[Stage], num_classes: int, dropout: float = 0.0, norm: bool = True) -> None:
+    def __init__(self, stages: Sequence[Stage], num_classes: int, dropout: float = 0.0, norm: bool = True,
+                 init_std: Optional[float] = None) -> None:
         super().__init__()
         c = stages[-1].channels
         self.norm = nn.BatchNorm2d(c) if norm else nn.Identity()
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(c, num_classes, 1)
+        if init_std is not None:
+            nn.init.normal_(self.classifier.weight, 0.0, float(init_std))
+            nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         return self.classifier(self.dropout(self.norm(features[-1])))

@@ -82,3 +82,18 @@ def test_linear_decoder_without_its_batchnorm():
     assert set(default.decode_head.state_dict()) - plain_keys == {k for k in default.decode_head.state_dict()
                                                                 if k.startswith("norm.")} != set()
     assert plain(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_linear_decoder_classifier_init_std():
+    """``init_std``: mmseg's classifier initialisation (normal, zero bias), the cause of the
+    linear-probe gap between the folder and mmseg engines (docs/benchmark.md); None keeps
+    PyTorch's uniform default, so earlier runs reproduce."""
+    torch.manual_seed(0)
+    head = pm.create_segmentor("test_resnet", "linear", 8, "linear", decoder_cfg={"init_std": 0.01}).decode_head
+    w = head.classifier.weight.detach()
+    assert float(w.std()) == pytest.approx(0.01, rel=0.2) and not head.classifier.bias.detach().any()
+    torch.manual_seed(0)
+    default = pm.create_segmentor("test_resnet", "linear", 8, "linear").decode_head.classifier
+    assert default.bias.detach().any() and float(default.weight.detach().abs().max()) > 0.05
+    with pytest.raises(ValueError, match="init_std must be None or a positive number"):
+        pm.LinearDecoderConfig(init_std=-1.0)
