@@ -172,3 +172,28 @@ def test_lora_on_mmseg_backbone_is_refused():
     backbone, chans = BACKBONES["ResNetV1c"]
     with pytest.raises(ValueError, match="renames the backbone's state_dict keys.*TimmBackbone"):
         build("promptmatch.PromptEncoderDecoder", backbone, head("fcn", chans), method="lora")
+
+
+LEAN_REFUSED = {"VisionTransformer", "BEiT", "MAE", "SwinTransformer"}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_lean_spm_trains_or_is_refused_per_backbone_type(name):
+    """SPM v4 (lean: the backbone runs without autograd) on each mmseg backbone type: where the
+    backbone returns its stage outputs, every matcher parameter gets a gradient and no backbone
+    parameter does; where it computes its outputs after the last stage (a norm, a reshape:
+    mmseg's transformers), the first training step is refused with the fix."""
+    import promptmatch as pm
+
+    backbone, chans = BACKBONES[name]
+    model = build("promptmatch.PromptEncoderDecoder", backbone, head("uper", chans),
+                  method_cfg=pm.SPMConfig.v4().to_dict())
+    images, samples = batch()
+    model.train()
+    if name in LEAN_REFUSED:
+        with pytest.raises(RuntimeError, match="computed after its last stage.*backprop_backbone=True"):
+            model.loss(images, samples)
+        return
+    sum(v for k, v in model.loss(images, samples).items() if "loss" in k).backward()
+    assert all(p.grad is not None for p in model.method.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.backbone.parameters())
