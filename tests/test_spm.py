@@ -491,3 +491,6 @@ def test_v3_checkpoint_loads_into_the_v3_model():
     lean = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.lean())
     with pytest.raises(pm.PromptMismatchError, match="method_config"):
         pm.load_prompts(lean, data / "prompts.safetensors")
+    v4 = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.v4())
+    with pytest.raises(pm.PromptMismatchError, match=r"(?s)method_config.*SPMConfig\.v3\(\) for an SPM v3 checkpoint"):
+        pm.load_prompts(v4, data / "prompts.safetensors")

@@ -157,7 +157,8 @@ class SPMConfig(MethodConfig):
         "gate": "none", "interim_targets": "nearest", "interim_class_balance": False, "backprop_backbone": True,
         "read_matcher_stride": None, "prompt_gain": 1.0}
 
-    SAVED_BEFORE_HINT: ClassVar[str] = "method_cfg=promptmatch.SPMConfig.v2() for an SPM v2 checkpoint"
+    SAVED_BEFORE_HINT: ClassVar[str] = ("method_cfg=promptmatch.SPMConfig.v3() for an SPM v3 checkpoint (saved "
+                                         "2026-12-02 to 2026-12-06), promptmatch.SPMConfig.v2() for an older one")
 
     @classmethod
     def v3(cls, **changes: Any) -> "SPMConfig":
