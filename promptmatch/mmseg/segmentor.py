@@ -188,7 +188,8 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
         with self.prompted_session(inputs) as state:
             x = self.backbone(inputs)
         if (not self.method.grad_crosses_backbone and torch.is_grad_enabled() and self.training
-                and not any(t.requires_grad for t in (x if isinstance(x, (list, tuple)) else [x])
+                and not any(t.requires_grad and t.grad_fn is not None  # a view made without autograd
+                            for t in (x if isinstance(x, (list, tuple)) else [x])  # requires grad, unlinked
                             if isinstance(t, Tensor))):
             raise RuntimeError(
                 f"{type(self.backbone).__name__} returns features computed after its last stage (a final "
