@@ -420,8 +420,9 @@ def test_lr_sweep_memory_engine_picks_on_held_out_part(folder, tmp_path, monkeyp
     spec = bm.validate_spec(make_spec([entry], methods=["linear", "full"], engine="memory", lr=SWEEP, holdout=0.25))
     recs = bm.run_benchmark(spec, tmp_path / "out", progress=False, report=False, isolate=False)
 
-    x, _ = memory_tensors(spec.datasets[0], "train", SIZE)
-    xval, _ = memory_tensors(spec.datasets[0], "val", SIZE)
+    stats = pm.input_normalisation(spec.backbones[0]["name"])  # the cells normalise with the backbone's
+    x, _ = memory_tensors(spec.datasets[0], "train", SIZE, stats)
+    xval, _ = memory_tensors(spec.datasets[0], "val", SIZE, stats)
     tr, ho = holdout_split(len(x), 0.25, seed=0)
     assert (tr, ho) == holdout_split(len(x), 0.25, seed=0)  # deterministic
     assert len(ho) == round(0.25 * len(x)) and not set(tr) & set(ho) and sorted(tr + ho) == list(range(len(x)))
