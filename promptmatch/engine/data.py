@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..datasets.folder import FolderDataset, FolderDatasetError, folder_pairs
 from ..datasets.folder.check import _bad_label_values, _map_labels, _mask_array, _single_channel
 from .transforms import Size2, TrainAugment, eval_resize, normalise
@@ -51,7 +52,7 @@ class FolderSegDataset(Dataset):
                  eval_scale: Optional[Size2] = None, indices: Optional[Sequence[int]] = None, seed: int = 0,
                  normalisation: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> None:
         self.folder = folder
-        self.normalisation = tuple(normalisation) if normalisation is not None else None
+        self.normalisation = tuple(normalisation) if normalisation is not None else (IMAGENET_MEAN, IMAGENET_STD)
         self.split = split
         self.augment = augment
         self.eval_scale = tuple(eval_scale) if eval_scale is not None else None
@@ -127,7 +128,7 @@ class FolderSegDataset(Dataset):
         else:
             image = eval_resize(image, self.eval_scale)
         img_path, mask_path = self.pairs[index]
-        return {"inputs": normalise(image, *self.normalisation) if self.normalisation else normalise(image), "labels": torch.from_numpy(np.ascontiguousarray(label)).long(),
+        return {"inputs": normalise(image, *self.normalisation), "labels": torch.from_numpy(np.ascontiguousarray(label)).long(),
                 "metas": {"img_path": str(img_path), "seg_map_path": str(mask_path), "ori_size": ori}}
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -98,12 +98,10 @@ class AdaptFormer(TuningMethod):
         super().__init__(stages, num_classes, config)
         self.adapters = nn.ModuleList()
         self.adapted_modules: Tuple[str, ...] = ()
-        self._handles: List[Any] = []
         self._backbone_ref: Optional[nn.Module] = None
 
     def attach(self, backbone: nn.Module) -> None:
-        if self._handles:
-            raise RuntimeError("adaptformer is already attached to a backbone; call detach() first")
+        self.check_not_hooked()
         mlps = _transformer_mlps(backbone)
         if not mlps:
             raise MethodNotApplicableError(
@@ -120,13 +118,11 @@ class AdaptFormer(TuningMethod):
                 self.adapters.to(ref.device)
         self.adapted_modules = tuple(n for n, _, _, _ in mlps)
         for i, (_, mlp, _, _) in enumerate(mlps):
-            self._handles.append(mlp.register_forward_hook(self.gated(self._make_hook(i))))
+            self.hook_backbone(mlp, self._make_hook(i))
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.remove_hooks()
         object.__setattr__(self, "_backbone_ref", None)
 
     def _make_hook(self, index: int):

@@ -124,6 +124,7 @@ class TuningMethod(nn.Module):
         self.stages = tuple(stages)
         self.num_classes = num_classes
         self.config = config
+        self._hook_handles: List[Any] = []
 
     def attach(self, backbone: nn.Module) -> None:
         """Called once when the segmentor is built, after the backbone is staged (and frozen
@@ -157,6 +158,30 @@ class TuningMethod(nn.Module):
             return hook(*args, **kwargs)
 
         return run
+
+    def hook_backbone(self, module: nn.Module, hook: Callable[..., Any], *, pre: bool = False,
+                      **kwargs: Any) -> None:
+        """Register ``hook`` on a backbone ``module`` (a forward hook; a forward-pre hook with
+        ``pre``; ``kwargs`` go to the registration, e.g. ``prepend``), :meth:`gated` to this
+        method's own passes; :meth:`remove_hooks` removes it again."""
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._hook_handles.append(register(self.gated(hook), **kwargs))
+
+    @property
+    def hooked(self) -> bool:
+        """True while hooks made with :meth:`hook_backbone` are registered."""
+        return bool(self._hook_handles)
+
+    def check_not_hooked(self) -> None:
+        """Refuse a second :meth:`attach` while this method's hooks are on a backbone."""
+        if self._hook_handles:
+            raise RuntimeError(f"{self.name} is already attached to a backbone; call detach() first")
+
+    def remove_hooks(self) -> None:
+        """Remove every hook made with :meth:`hook_backbone`."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
 
     def boundary(self, index: int, features: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
         return features

@@ -154,13 +154,11 @@ class Mona(TuningMethod):
         super().__init__(stages, num_classes, config)
         self.adapters = nn.ModuleList()  # 2 per block: after attention, after the MLP
         self.adapted_modules: Tuple[str, ...] = ()
-        self._handles: List[Any] = []
         self._inputs: Dict[Tuple[int, int], Tuple[torch.Tensor, Optional[Grid], int]] = {}
         self._grids: Dict[int, Grid] = {}  # patch grid of the current pass, per thread (ViT-like)
 
     def attach(self, backbone: nn.Module) -> None:
-        if self._handles:
-            raise RuntimeError("mona is already attached to a backbone; call detach() first")
+        self.check_not_hooked()
         blocks = attn_mlp_blocks(backbone)
         what = (f"mona needs transformer blocks with `attn`, `mlp` and timm's residual branches "
                 f"`drop_path1`/`drop_path2` on a patch grid (ViT, DeiT, EVA, DINOv2, Swin, PVTv2); "
@@ -181,18 +179,16 @@ class Mona(TuningMethod):
                 self.adapters.to(ref.device)
         self.adapted_modules = tuple(n for n, _, _ in blocks)
         if isinstance(pe, nn.Module):
-            self._handles.append(pe.register_forward_hook(self.gated(self._on_patch_embed)))
+            self.hook_backbone(pe, self._on_patch_embed)
         for i, (_, blk, _) in enumerate(blocks):
-            self._handles.append(blk.register_forward_pre_hook(self.gated(self._make_pre_hook(i)), with_kwargs=True))
-            self._handles.append(blk.drop_path1.register_forward_hook(self.gated(self._make_attn_hook(i))))
+            self.hook_backbone(blk, self._make_pre_hook(i), pre=True, with_kwargs=True)
+            self.hook_backbone(blk.drop_path1, self._make_attn_hook(i))
             # before any other hook: a stage boundary on the block sees the adapted output
-            self._handles.append(blk.register_forward_hook(self.gated(self._make_mlp_hook(i)), prepend=True))
+            self.hook_backbone(blk, self._make_mlp_hook(i), prepend=True)
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.remove_hooks()
         self._inputs.clear()
         self._grids.clear()
 

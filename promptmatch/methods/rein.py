@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -70,12 +70,10 @@ class Rein(TuningMethod):
         self.out_proj = nn.ModuleDict()  # per width: W_f, b_f (zero-initialised)
         self.adapted_modules: Tuple[str, ...] = ()
         self._widths: List[int] = []
-        self._handles: List[Any] = []
         self._prefix = 0
 
     def attach(self, backbone: nn.Module) -> None:
-        if self._handles:
-            raise RuntimeError("rein is already attached to a backbone; call detach() first")
+        self.check_not_hooked()
         blocks = attn_mlp_blocks(backbone)
         if not blocks:
             raise MethodNotApplicableError(
@@ -90,7 +88,7 @@ class Rein(TuningMethod):
         self.adapted_modules = tuple(n for n, _, _ in blocks)
         for i, (_, blk, _) in enumerate(blocks):
             # before any other hook: a stage boundary on the block sees the refined output
-            self._handles.append(blk.register_forward_hook(self.gated(self._make_hook(i)), prepend=True))
+            self.hook_backbone(blk, self._make_hook(i), prepend=True)
 
     def _build(self, backbone: nn.Module) -> None:
         cfg: ReinConfig = self.config
@@ -114,9 +112,7 @@ class Rein(TuningMethod):
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.remove_hooks()
 
     def refine(self, index: int, f: torch.Tensor) -> torch.Tensor:
         """The change Rein adds to channel-last features ``f`` (..., C) after block ``index``."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -177,11 +177,9 @@ class SSF(TuningMethod):
         self.shifts = nn.ParameterList()
         self.adapted_modules: Tuple[str, ...] = ()
         self._targets: List[Tuple[nn.Module, int]] = []
-        self._handles: List[Any] = []
 
     def attach(self, backbone: nn.Module) -> None:
-        if self._handles:
-            raise RuntimeError("ssf is already attached to a backbone; call detach() first")
+        self.check_not_hooked()
         targets = ssf_targets(backbone, self.stages, self.config)
         if not targets:
             raise MethodNotApplicableError(
@@ -200,13 +198,11 @@ class SSF(TuningMethod):
         self._targets = [(m, d) for _, m, d, _ in targets]
         for i, (_, m, d, _) in enumerate(targets):
             # before any other hook (a stage boundary on the same module sees the adapted output)
-            self._handles.append(m.register_forward_hook(self.gated(self._make_hook(i, d)), prepend=True))
+            self.hook_backbone(m, self._make_hook(i, d), prepend=True)
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.remove_hooks()
 
     def _make_hook(self, index: int, dim: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -229,7 +225,7 @@ class SSF(TuningMethod):
         with an operation after its affine part (timm's ``BatchNormAct2d``) or a non-affine
         norm. After a merge the method's parameters are no longer applied: train no further.
         """
-        if not self._handles:
+        if not self.hooked:
             raise RuntimeError("ssf is not attached (or already merged): nothing to merge")
         bad = [n for n, (m, _) in zip(self.adapted_modules, self._targets) if not _foldable(m)]
         if bad:

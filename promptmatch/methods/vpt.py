@@ -102,14 +102,12 @@ class VisualPromptTuning(TuningMethod):
         super().__init__(stages, num_classes, config)
         self.prompt_dropout = nn.Dropout(config.dropout)
         self.register_parameter("prompts", None)
-        self._handles: List[Any] = []
         self._npt_patched: List[Tuple[nn.Module, int]] = []
         self._backbone_ref: Optional[nn.Module] = None
 
     # ------------------------------------------------------------------ attach
     def attach(self, backbone: nn.Module) -> None:
-        if self._handles:
-            raise RuntimeError("vpt is already attached to a backbone; call detach() first")
+        self.check_not_hooked()
         cfg: VPTConfig = self.config
         blocks = token_blocks(backbone, self.name)
         dim = _embed_dim(backbone, self.stages)
@@ -137,13 +135,11 @@ class VisualPromptTuning(TuningMethod):
         self.shares_backbone = not self._npt_patched
         hooked = blocks if cfg.deep else blocks[:1]
         for i, blk in enumerate(hooked):
-            self._handles.append(blk.register_forward_pre_hook(self.gated(self._make_hook(i)), with_kwargs=True))
+            self.hook_backbone(blk, self._make_hook(i), pre=True, with_kwargs=True)
 
     def detach(self) -> None:
         """Remove the hooks and undo the attention changes; the backbone is plain again."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.remove_hooks()
         for m, npt in self._npt_patched:
             m.num_prefix_tokens = npt
         self._npt_patched = []
