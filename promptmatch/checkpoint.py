@@ -237,7 +237,12 @@ def identity_differences(want: Mapping[str, Any], got: Mapping[str, Any]) -> Lis
             except ValueError:
                 cfg_cls = None
             older = sorted(set(getattr(cfg_cls, "SAVED_BEFORE", {})) - set(saved))
-            if older:  # saved before some fields existed: say how to rebuild the model it came from
+            named = [n for n, c in (cfg_cls.named_settings() if cfg_cls is not None else {}).items()
+                     if c.to_dict() == gc]
+            if named:  # the settings of a named (earlier) version: say which
+                config_diffs.append(f"(the checkpoint was trained with promptmatch.{named[0]}: build the model "
+                                    f"with method_cfg=promptmatch.{named[0]})")
+            elif older:  # saved before some fields existed: say how to rebuild the model it came from
                 config_diffs.append(
                     f"(the checkpoint was saved before the fields {older} existed; build the model with the "
                     f"settings it was trained with: {getattr(cfg_cls, 'SAVED_BEFORE_HINT', 'its method_config')})")

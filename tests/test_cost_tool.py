@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "cost.py"
-LATE = {"prompt_boundaries": [-2, -1]}
+LATE = {"prompt_boundaries": [-2, -1], "backprop_backbone": True}
 CLASSES = 8
 
 

@@ -198,3 +198,68 @@ def test_lean_spm_trains_or_is_refused_per_backbone_type(name):
     sum(v for k, v in model.loss(images, samples).items() if "loss" in k).backward()
     assert all(p.grad is not None for p in model.method.parameters() if p.requires_grad)
     assert all(p.grad is None for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_default_spm_trains_on_every_backbone_type(name):
+    """SPM's defaults (v4, lean) on each mmseg backbone type: lean where the backbone returns its
+    stage outputs; where lean could not train (LEAN_REFUSED) the model is built backpropagating
+    through the backbone instead, says so, and its first training step reaches the matchers. A
+    config that chose lean explicitly is refused as above, never switched."""
+    import promptmatch as pm
+
+    backbone, chans = BACKBONES[name]
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    logger, said = MMLogger.get_current_instance(), []
+    catch = logging.Handler(logging.INFO)
+    catch.emit = lambda record: said.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(catch)
+    logger.setLevel(logging.INFO)
+    try:
+        model = build("promptmatch.PromptEncoderDecoder", backbone, head("uper", chans))
+    finally:
+        logger.removeHandler(catch)
+        logger.setLevel(level)
+    refused = name in LEAN_REFUSED
+    assert model.method.config.backprop_backbone is refused
+    assert model.method.config == (pm.SPMConfig.v4(backprop_backbone=True) if refused else pm.SPMConfig())
+    assert any("lean mode (the default) could not train" in m for m in said) is refused
+    images, samples = batch()
+    model.train()
+    sum(v for k, v in model.loss(images, samples).items() if "loss" in k).backward()
+    grads = [p.grad for n, p in model.method.named_parameters() if n.startswith("out_proj.")]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    if not refused:  # these return each stage's output as it is: every matcher's prompt reaches the head
+        assert sorted(model.method.out_proj) == [str(i) for i in range(len(model.staged.stages))]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kind, aux, prompted", [("fcn", None, ["3"]), ("fcn", ("fcn2", 2), ["2", "3"]),
+                                                 ("uper", None, ["0", "1", "2", "3"])])
+def test_lean_decoder_prompts_only_where_a_head_reads(kind, aux, prompted):
+    """In lean mode an observer's prompt for the head is kept only at the levels the decode and
+    auxiliary heads read (their in_index): a prompt nothing reads would be a parameter without a
+    gradient (DistributedDataParallel's unused-parameter error, an inflated checkpoint). Built
+    under inference mode (a server) it is the same model."""
+    import promptmatch as pm
+
+    backbone, chans = BACKBONES["ResNetV1c"]
+    aux_head = None
+    if aux is not None:
+        aux_head = dict(head("fcn", chans), in_channels=chans[aux[1]], in_index=aux[1])
+    with torch.inference_mode():
+        built_in_inference = build("promptmatch.PromptEncoderDecoder", backbone, head(kind, chans), aux=aux_head)
+    model = build("promptmatch.PromptEncoderDecoder", backbone, head(kind, chans), aux=aux_head,
+                  method_cfg=pm.SPMConfig.v4())
+    for m in (model, built_in_inference):
+        assert m.method.config == pm.SPMConfig.v4()
+        assert sorted(m.method.out_proj) == prompted
+    images, samples = batch()
+    model.train()
+    sum(v for k, v in model.loss(images, samples).items() if "loss" in k).backward()
+    assert [n for n, p in model.method.named_parameters() if p.requires_grad and p.grad is None] == []

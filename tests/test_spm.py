@@ -1,6 +1,8 @@
 """SPM's own switches: every variant starts as the frozen backbone, trains, and does what it says."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,17 +13,19 @@ from conftest import make_backbone, make_batch
 VARIANTS = {
     "default": {},
     "v2": pm.SPMConfig.v2().to_dict(),
+    "v3": pm.SPMConfig.v3().to_dict(),
     "zero-gamma": {"zero_init": "gamma"},
     "native-resolution": {"matcher_stride": 0},
     "unscaled-prompt": {"prompt_scale": "none"},
     "no-recurrence": {"recurrent": False},
     "no-guidance": {"semantic_guidance": False},
     "two-iterations": {"iterations": 2},
-    "fewer-boundaries": {"boundaries": (1, 2)},
+    "fewer-boundaries": {"boundaries": (1, 2), "backprop_backbone": True},  # lean: the last must have one
     "deepest-two": {"boundaries": (-2, -1)},
-    # switches added in v3 (each alone; the v3 default combines some of them)
-    "observe-early": {"prompt_boundaries": (-2, -1)},
-    "prompt-deepest-one": {"prompt_deepest": 1},
+    # switches added in v3 and v4, each alone against today's defaults (v4: lean; the switches
+    # that choose which boundaries prompt the next stage need backpropagation through it)
+    "observe-early": {"prompt_boundaries": (-2, -1), "backprop_backbone": True},
+    "prompt-deepest-one": {"prompt_deepest": 1, "backprop_backbone": True},
     "observer-decoder-prompts": {"observer_decoder_prompts": True},
     "observe-only": {"observer_decoder_prompts": False},
     "taps-before-prompt": {"decoder_taps": "before_prompt"},
@@ -30,13 +34,14 @@ VARIANTS = {
     "confidence-gate": {"gate": "confidence"},
     "soft-interim": {"interim_targets": "soft"},
     "balanced-interim": {"interim_class_balance": True},
-    "lean": {"backprop_backbone": False},
-    "read-native": {"read_matcher_stride": 0},
-    "prompt-gain": {"prompt_gain": 4.0},
+    "backprop": {"backprop_backbone": True},
+    "read-coarse": {"read_matcher_stride": None},
+    "gain-one": {"prompt_gain": 1.0},
 }
-#: the switches added after v2, each with a value other than its v2 behaviour
-V3_SWITCHES = ("observe-early", "prompt-deepest-one", "observer-decoder-prompts", "observe-only", "taps-before-prompt", "prompt-dropout", "prompt-bound", "confidence-gate",
-               "soft-interim", "balanced-interim", "lean", "read-native", "prompt-gain")
+#: the switches added after v2, each with a value other than its v2 behaviour or today's default
+V3_SWITCHES = ("observe-early", "prompt-deepest-one", "observer-decoder-prompts", "observe-only", "taps-before-prompt",
+               "prompt-dropout", "prompt-bound", "confidence-gate", "soft-interim", "balanced-interim", "backprop",
+               "read-coarse", "gain-one")
 
 
 def _decode_loss(model, images, labels) -> float:
@@ -85,7 +90,7 @@ def test_matcher_stride_pools_fine_boundaries():
     grids, matcher_grids = {}, {}
     for stride in (8, 0):
         model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3,
-                                    method_cfg={"matcher_stride": stride, "prompt_deepest": 0})
+                                    method_cfg=pm.SPMConfig.v3(matcher_stride=stride, prompt_deepest=0))
         first = model.staged.stages[0]
         assert first.reduction == 4
         seen = []  # the grids the first boundary's matcher projections actually run on
@@ -140,7 +145,7 @@ def test_prompt_scale_follows_the_features():
     for mode, ratio in (("feature", 10.0), ("none", 1.0)):
         from promptmatch.staging import Stage
 
-        m = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig(prompt_scale=mode))
+        m = pm.get_method("spm")([Stage(0, "s", 16, 8)], 3, pm.SPMConfig.v3(prompt_scale=mode))
         with torch.no_grad():
             m.out_proj["0"].weight.normal_()
             small = m.boundary(0, x, m.init_state()) - x
@@ -213,7 +218,7 @@ def test_observing_boundaries_add_nothing_and_cost_no_backbone_gradients():
     between it and the first prompting boundary run without autograd."""
     torch.manual_seed(0)
     model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel",
-                                method_cfg={"prompt_boundaries": (-1,), "observer_decoder_prompts": False})
+                                method_cfg=pm.SPMConfig.v3(prompt_boundaries=(-1,), observer_decoder_prompts=False))
     n = len(model.staged.stages)
     assert sorted(model.method.out_proj.keys()) == [str(n - 1)]
     images, labels = make_batch(64, num_classes=3)
@@ -232,14 +237,14 @@ def test_observing_boundaries_add_nothing_and_cost_no_backbone_gradients():
     assert model.method.in_proj["0"].weight.grad is not None  # the early matchers train through h
     with pytest.raises(ValueError, match="not matcher boundaries"):
         pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3,
-                            method_cfg={"boundaries": (2, 3), "prompt_boundaries": (1,)})
+                            method_cfg={"boundaries": (2, 3), "prompt_boundaries": (1,), "backprop_backbone": True})
 
 
 def test_decoder_taps_read_before_the_prompt():
     """decoder_taps='before_prompt': the decoder reads each boundary before the last as the
     stage produced it, while the next stage gets the prompted features."""
     torch.manual_seed(0)
-    cfg = {"decoder_taps": "before_prompt", "matcher_stride": 0, "prompt_deepest": 0}
+    cfg = pm.SPMConfig.v3(decoder_taps="before_prompt", matcher_stride=0, prompt_deepest=0)
     model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=cfg).eval()
     seen = {}
     original = model.method.boundary
@@ -375,7 +380,7 @@ def test_observer_decoder_prompts_reach_the_decoder_only(backbone):
     first prompting boundary needs autograd through the backbone)."""
     torch.manual_seed(0)
     model = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, "multilevel",
-                                method_cfg={"prompt_deepest": 2, "observer_decoder_prompts": True}).eval()
+                                method_cfg=pm.SPMConfig.v3(prompt_deepest=2, observer_decoder_prompts=True)).eval()
     images, _ = make_batch(64, num_classes=3)
     seen = {}
     original = model.method.boundary
@@ -401,12 +406,15 @@ def test_observer_decoder_prompts_reach_the_decoder_only(backbone):
     assert not torch.allclose(decoder_reads[n - 2], frozen[n - 2])
 
 
-@pytest.mark.parametrize("decoder, prompts_at", [("linear", [2, 3]), ("multilevel", [0, 1, 2, 3])])
-def test_observer_prompts_exist_only_where_a_decoder_reads_them(decoder, prompts_at):
-    """A linear decoder reads the last stage only: v3's observers then keep no output
-    projection, and every trainable parameter gets a gradient."""
+@pytest.mark.parametrize("version, decoder, prompts_at", [
+    ("v3", "linear", [2, 3]), ("v3", "multilevel", [0, 1, 2, 3]), ("v4", "linear", [3]), ("v4", "multilevel", [0, 1, 2, 3])])
+def test_observer_prompts_exist_only_where_a_decoder_reads_them(version, decoder, prompts_at):
+    """A linear decoder reads the last stage only: the observers (v3: all but the two deepest;
+    v4, the default: all but the last) then keep no output projection, and every trainable
+    parameter gets a gradient."""
     torch.manual_seed(0)
-    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, decoder)
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, decoder,
+                                method_cfg=pm.SPMConfig.v3() if version == "v3" else None)
     assert sorted(int(k) for k in model.method.out_proj) == prompts_at
     images, labels = make_batch(64, num_classes=3)
     sum(model.loss(images, labels).values()).backward()
@@ -446,7 +454,7 @@ def test_lean_mode_never_runs_the_backbone_with_autograd(backbone, decoder):
     assert trainable and all(n.startswith(("method.", "decode_head.")) for n in trainable)
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     torch.manual_seed(0)
-    v3 = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, decoder).train()
+    v3 = pm.create_segmentor(make_backbone(backbone, {}), "spm", 3, decoder, method_cfg=pm.SPMConfig.v3()).train()
     v3_saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: v3_saved.append(t.numel() * t.element_size()) or t,
                                                   lambda t: t):
@@ -491,6 +499,59 @@ def test_v3_checkpoint_loads_into_the_v3_model():
     lean = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.lean())
     with pytest.raises(pm.PromptMismatchError, match="method_config"):
         pm.load_prompts(lean, data / "prompts.safetensors")
-    v4 = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.v4())
-    with pytest.raises(pm.PromptMismatchError, match=r"(?s)method_config.*SPMConfig\.v3\(\) for an SPM v3 checkpoint"):
-        pm.load_prompts(v4, data / "prompts.safetensors")
+    for cfg in (pm.SPMConfig.v4(), None):  # None: the defaults, v4 since 2026-12-06
+        v4 = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=cfg)
+        with pytest.raises(pm.PromptMismatchError, match=r"(?s)method_config\.backprop_backbone.*trained with "
+                                                         r"promptmatch\.SPMConfig\.v3\(\): build the model with "
+                                                         r"method_cfg=promptmatch\.SPMConfig\.v3\(\)"):
+            pm.load_prompts(v4, data / "prompts.safetensors")
+
+
+def test_defaults_are_v4_and_cells_relying_on_them_are_versioned():
+    """SPM v4 is the default since 2026-12-06; a benchmark cell that leaves one of the fields
+    whose default changed to the default names the new defaults' version in its key (so a
+    resumed grid never takes a v3 result for it), one that pins them keeps its old key."""
+    from promptmatch.benchmark.spec import cell_key
+
+    assert pm.SPMConfig() == pm.SPMConfig.v4() != pm.SPMConfig.v3()
+    changed = dict(read_matcher_stride=0, prompt_gain=4.0, backprop_backbone=False)
+    assert pm.SPMConfig.defaults_version({}) == 2
+    assert pm.SPMConfig.defaults_version(changed) == 1
+    assert pm.SPMConfig.defaults_version({"hidden_dim": 32, "prompt_gain": 4.0}) == 2
+    assert pm.SPMConfig.defaults_version(pm.SPMConfig.v3().to_dict()) == 1
+    assert pm.LoRAConfig.defaults_version({}) == 1
+    bb = {"name": "test_resnet"}
+    plain = json.loads(cell_key("spm", bb, "d", {}, 0))
+    assert plain["defaults"] == 2
+    assert "defaults" not in json.loads(cell_key("spm-v4", bb, "d", {}, 0, "spm", changed))
+    assert "defaults" not in json.loads(cell_key("lora", bb, "d", {}, 0))
+
+
+def test_lean_matchers_that_nothing_reads_are_refused():
+    """In lean mode (the default) only the last stage's boundary prompts the features: matchers
+    elsewhere under a decoder that does not read their stages would train nothing, so the model
+    is refused with the fix instead of silently training only its head."""
+    with pytest.raises(ValueError, match="no prompt that anything reads.*backprop_backbone=True"):
+        pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "linear", method_cfg={"boundaries": (1, 2)})
+    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg={"boundaries": (1, 2)})
+    assert sorted(model.method.out_proj) == ["1", "2"]  # the multi-level decoder reads them
+
+
+def test_report_never_pools_seeds_of_old_and_new_defaults():
+    """A results file resumed across the change of SPM's defaults holds plain 'spm' records of
+    both: the report keeps them apart (the old ones labelled with their defaults' version)."""
+    from promptmatch.benchmark.report import aggregate
+    from promptmatch.benchmark.spec import cell_key
+
+    bb = {"name": "test_resnet"}
+
+    def key(seed, defaults):
+        k = json.loads(cell_key("spm", bb, "d", {}, seed))
+        return json.dumps({n: v for n, v in k.items() if n != "defaults" or defaults}, sort_keys=True)
+
+    recs = [{"key": key(seed, defaults), "dataset": "d", "backbone": bb, "setting_label": "s", "method": "spm",
+             "seed": seed, "status": "ok", "miou": {"val": val}}
+            for seed, defaults, val in ((0, False, 0.5), (1, False, 0.52), (0, True, 0.7))]
+    rows = {r["method"]: r for r in aggregate(recs)}
+    assert sorted(rows) == ["spm", "spm (defaults v1)"]
+    assert rows["spm"]["n_seeds"] == 1 and rows["spm (defaults v1)"]["n_seeds"] == 2

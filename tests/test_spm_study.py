@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+import promptmatch as pm
+
 from mmseg_utils import python, run
 
 
@@ -15,7 +17,7 @@ def test_spm_study_records_what_it_measures(tmp_path):
     pytest.importorskip("skimage")
     out = tmp_path / "study.jsonl"
     cmd = [python(), "tools/spm_study.py", "--datasets", "texture_mosaic", "--decoders", "multilevel",
-           "--variants", "linear", "v2:" + json.dumps({"prompt_deepest": 0}), "spm", "--steps", "4",
+           "--variants", "linear", "v2:" + json.dumps(pm.SPMConfig.v2().to_dict()), "spm", "--steps", "4",
            "--shifts", "blur", "--snapshots", "2", "--threads", "1", "--out", str(out)]
     res = run(cmd, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -24,7 +26,7 @@ def test_spm_study_records_what_it_measures(tmp_path):
     for r in recs.values():
         assert 0.0 <= r["val"] <= 100.0 and 0.0 <= r["train"] <= 100.0 and set(r["shifts"]) == {"blur"}
     assert recs["linear"]["knockout"] == {} and recs["linear"]["prompt_size"]["4"] == {}
-    # every boundary prompts the next stage (v2) or, as an observer, the decoder (v3): each has a
+    # every boundary prompts the next stage (v2) or, as an observer, the decoder (v4, the default): each has a
     # prompt size and a knock-out
     for v in ("v2", "spm"):
         assert set(recs[v]["prompt_size"]["4"]) == {"0", "1", "2", "3"}

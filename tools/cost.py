@@ -4,7 +4,7 @@
 A thin wrapper around :mod:`promptmatch.tools.cost`, where the code and its documentation live:
 
     .venv/bin/python tools/cost.py --backbone resnet50 --size 256 --batch 2 --decoder linear \\
-        --variant spm --variant 'late=spm:{"prompt_boundaries": [-2, -1]}' --out work_dirs/cost.json
+        --variant spm --variant 'late=spm:{"prompt_boundaries": [-2, -1], "backprop_backbone": true}' --out work_dirs/cost.json
 """
 import os
 

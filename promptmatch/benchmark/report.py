@@ -27,7 +27,24 @@ _logger = logging.getLogger(__name__)
 
 
 def _group_key(r: Mapping[str, Any]) -> Tuple[str, str, str, str]:
-    return (r["dataset"], r["backbone"].get("label", r["backbone"]["name"]), r["setting_label"], r["method"])
+    return (r["dataset"], r["backbone"].get("label", r["backbone"]["name"]), r["setting_label"], _method_label(r))
+
+
+def _method_label(r: Mapping[str, Any]) -> str:
+    """A record's method label; one recorded under earlier defaults of its method (its key
+    names an older version than a cell of the same method and config would today) gets
+    ``" (defaults vN)"``, so its seeds never pool with today's."""
+    from .spec import defaults_version
+
+    try:
+        key = json.loads(r["key"])
+    except (KeyError, TypeError, ValueError):
+        return r["method"]
+    variant = key.get("variant") or {}
+    version = int(key.get("defaults", 1))
+    if version == defaults_version(variant.get("name", key.get("method", r["method"])), variant.get("cfg") or {}):
+        return r["method"]
+    return f"{r['method']} (defaults v{version})"
 
 
 def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:

@@ -116,7 +116,9 @@ def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: M
              seed: int, method_name: Optional[str] = None, method_cfg: Optional[Mapping[str, Any]] = None,
              max_bad_steps: int = 0) -> str:
     """Canonical JSON string naming a cell (a plain method's key has no variant fields, and
-    ``max_bad_steps`` appears only when non-zero, so older keys stay valid)."""
+    ``max_bad_steps`` appears only when non-zero, so older keys stay valid; ``defaults`` names
+    the version of the method's defaults when the cell relies on defaults that changed, e.g.
+    plain ``spm`` since SPM v4 became the default)."""
     bb = {"name": backbone["name"], "weights": backbone.get("weights"), "kwargs": backbone.get("kwargs") or {}}
     if backbone.get("mmseg_model"):
         bb["mmseg_model"] = backbone["mmseg_model"]
@@ -128,9 +130,25 @@ def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: M
                            "seed": int(seed)}
     if (method_name is not None and method_name != method) or method_cfg:
         key["variant"] = {"name": method_name or method, "cfg": dict(method_cfg or {})}
+    version = defaults_version(method_name or method, method_cfg or {})
+    if version > 1:  # the cell relies on defaults that changed: never the same cell as before the change
+        key["defaults"] = version
     if max_bad_steps:
         key["max_bad_steps"] = int(max_bad_steps)
     return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+
+def defaults_version(method: str, method_cfg: Mapping[str, Any]) -> int:
+    """The version of ``method``'s config defaults a cell with ``method_cfg`` depends on
+    (:meth:`~promptmatch.methods.base.MethodConfig.defaults_version`; 1 for a method not
+    registered in this process)."""
+    from ..methods import get_method
+
+    try:
+        cfg_cls = get_method(method).config_class
+    except ValueError:
+        return 1
+    return cfg_cls.defaults_version(method_cfg)
 
 
 def lr_label(lr: Any) -> str:

@@ -5,7 +5,7 @@ import dataclasses
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -62,6 +62,27 @@ class MethodConfig:
     #: takes when a saved config lacks it (the behaviour the checkpoint was trained with,
     #: which may differ from today's default).
     SAVED_BEFORE: ClassVar[Mapping[str, Any]] = {}
+
+    #: Each change of this config's defaults, oldest first: ``(version, fields whose default
+    #: changed)``; the defaults before the first entry are version 1. A benchmark cell that
+    #: leaves one of those fields to the default names the version in its key, so a resumed
+    #: grid never mixes results of the old defaults with the new (see :meth:`defaults_version`).
+    DEFAULTS_CHANGES: ClassVar[Tuple[Tuple[int, Tuple[str, ...]], ...]] = ()
+
+    @classmethod
+    def defaults_version(cls, pinned: Iterable[str] = ()) -> int:
+        """The version of the defaults that a config setting the fields ``pinned`` (and leaving
+        the others to their defaults) depends on: the newest change that touched a field not in
+        ``pinned``; 1 when the config does not depend on any change."""
+        pinned = set(pinned)
+        return max((v for v, fields in cls.DEFAULTS_CHANGES if not set(fields) <= pinned), default=1)
+
+    @classmethod
+    def named_settings(cls) -> Dict[str, "MethodConfig"]:
+        """Settings with a name (versions of the defaults, today's included), as
+        ``{"SPMConfig.v3()": config}``: a checkpoint whose config equals one of them and does not
+        match its model is refused with that name as the way to build the model it belongs to."""
+        return {}
 
     @classmethod
     def with_saved_defaults(cls, data: Mapping[str, Any]) -> Dict[str, Any]:

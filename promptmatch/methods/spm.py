@@ -37,8 +37,9 @@ __all__ = ["SPMConfig", "SemanticPromptMatcher", "ConvGRUCell"]
 class SPMConfig(MethodConfig):
     """Settings of the Semantic-aware Prompt Matcher; every ablation switch lives here.
 
-    The defaults are SPM v3 (:meth:`v3`); :meth:`v2` gives the earlier version's settings,
-    e.g. to load its prompt checkpoints."""
+    The defaults are SPM v4 (:meth:`v4`, since 2026-12-06): lean, every read prompt at its
+    boundary's own resolution, a prompt gain of 4. :meth:`v3` and :meth:`v2` give the earlier
+    versions' settings, e.g. to load their prompt checkpoints."""
 
     hidden_dim: int = field(default=64, metadata={"help": "width d of the recurrent state and projections"})
     boundaries: Optional[Tuple[int, ...]] = field(
@@ -121,7 +122,7 @@ class SPMConfig(MethodConfig):
                           "batch, so that a dominant class (background) cannot make the maps uninformative"},
     )
     read_matcher_stride: Optional[int] = field(
-        default=None,
+        default=0,
         metadata={"help": "finest grid of a matcher whose prompt is read (by the next stage or the decoder), "
                           "as matcher_stride is for the others (None: matcher_stride for every matcher; 0: a "
                           "read prompt is made at its boundary's own resolution, so fine structures in a "
@@ -129,13 +130,13 @@ class SPMConfig(MethodConfig):
                           "reads stay on the coarse grid)"},
     )
     prompt_gain: float = field(
-        default=1.0,
+        default=4.0,
         metadata={"help": "fixed factor on the output projection (zero-initialised): with Adam-type optimisers "
                           "the prompt then moves g times faster than the rest at one learning rate, as LoRA's "
                           "alpha / r scales its update"},
     )
     backprop_backbone: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "False (lean mode, SPMConfig.lean()): no gradient crosses the frozen backbone: "
                           "only the last boundary prompts the "
                           "features (which go to the decoder only), every earlier matcher observes (its "
@@ -157,12 +158,21 @@ class SPMConfig(MethodConfig):
         "gate": "none", "interim_targets": "nearest", "interim_class_balance": False, "backprop_backbone": True,
         "read_matcher_stride": None, "prompt_gain": 1.0}
 
+    #: v4 became the default on 2026-12-06 (version 2 of the defaults)
+    DEFAULTS_CHANGES: ClassVar[Tuple[Tuple[int, Tuple[str, ...]], ...]] = (
+        (2, ("read_matcher_stride", "prompt_gain", "backprop_backbone")),)
+
     SAVED_BEFORE_HINT: ClassVar[str] = ("method_cfg=promptmatch.SPMConfig.v3() for an SPM v3 checkpoint (saved "
                                          "2026-12-02 to 2026-12-06), promptmatch.SPMConfig.v2() for an older one")
 
     @classmethod
+    def named_settings(cls) -> Dict[str, "MethodConfig"]:
+        return {"SPMConfig.v4()": cls.v4(), "SPMConfig.lean()": cls.lean(), "SPMConfig.v3()": cls.v3(),
+                "SPMConfig.v2()": cls.v2()}
+
+    @classmethod
     def v3(cls, **changes: Any) -> "SPMConfig":
-        """The settings of SPM v3 (today's defaults): matchers at every boundary, the two deepest
+        """The settings of SPM v3 (the defaults from 2026-12-02 to 2026-12-06): matchers at every boundary, the two deepest
         prompting the next stage and the earlier ones observing (their prompts go to the
         decoder only), interim maps supervised by class proportions with balanced classes."""
         base = dict(cls.v2().to_dict(), prompt_deepest=2, observer_decoder_prompts=True, interim_targets="soft",
@@ -172,7 +182,7 @@ class SPMConfig(MethodConfig):
 
     @classmethod
     def v4(cls, **changes: Any) -> "SPMConfig":
-        """The settings of SPM v4 (2026-12-06; not yet the default): lean (no prompt enters a
+        """The settings of SPM v4 (the defaults since 2026-12-06): lean (no prompt enters a
         frozen stage, the backbone runs without autograd), every prompt that is read made at its
         boundary's own resolution (``read_matcher_stride=0``: a stride-4 decoder level gets a
         stride-4 prompt) and a prompt gain of 4."""
@@ -253,8 +263,9 @@ class SPMConfig(MethodConfig):
         self._check_bool("interim_class_balance")
         self._check_bool("backprop_backbone")
         if not self.backprop_backbone and self.prompt_boundaries is not None:
-            raise ValueError("SPMConfig.backprop_backbone=False (lean mode) decides which boundaries prompt (the last one only); "
-                             f"leave prompt_boundaries=None (got {self.prompt_boundaries!r})")
+            raise ValueError("SPMConfig.backprop_backbone=False (lean mode, the default) decides which boundaries prompt (the "
+                             f"last one only); leave prompt_boundaries=None (got {self.prompt_boundaries!r}), or set "
+                             "backprop_backbone=True to choose the boundaries that prompt the next stage")
         if self.gate not in ("none", "confidence"):
             raise ValueError(f"SPMConfig.gate must be 'none' or 'confidence', got {self.gate!r}")
         if self.gate == "confidence" and not self.semantic_guidance:
@@ -381,6 +392,13 @@ class SemanticPromptMatcher(TuningMethod):
                 del self.out_proj[str(b)]
                 del self.gamma[str(b)]
                 self._set_pool(b, read=False)
+        if not len(self.out_proj) and not self.config.backprop_backbone:
+            raise ValueError(
+                f"SPM's matchers at boundaries {list(self.boundary_indices)} make no prompt that anything reads: in "
+                "lean mode (backprop_backbone=False, the default) only the last stage's boundary prompts the "
+                "features and the others only what a multi-level decoder reads at their stage. Put a matcher "
+                "after the last stage (boundaries=None), use a decoder that reads these stages, or set "
+                "backprop_backbone=True")
 
     def _prompt(self, key: str, h: torch.Tensor, logits: Optional[torch.Tensor], scale: torch.Tensor
                 ) -> torch.Tensor:

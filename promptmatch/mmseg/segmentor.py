@@ -12,7 +12,7 @@ interim-map losses join the decode and auxiliary losses.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..checkpoint import backbone_architecture, describe_model
 from ..core import PromptedCore
 from ..divergence import DivergenceError, DivergenceGuard, check_max_bad_steps
-from ..methods import MethodNotApplicableError, get_method, interim_losses
+from ..methods import MethodConfig, MethodNotApplicableError, get_method, interim_losses
 from ..params import parameter_report
 from ..registry import MODELS
 from ..staging import group_blocks
@@ -74,6 +74,24 @@ def default_stage_modules(
     )
 
 
+class _LeanUnreachable(Exception):
+    """The backbone's outputs are computed after its last stage: lean mode cannot train."""
+
+
+def _config_fields(method_cls: Any) -> Tuple[str, ...]:
+    import dataclasses
+
+    cfg_cls = method_cls.config_class
+    return tuple(f.name for f in dataclasses.fields(cfg_cls)) if dataclasses.is_dataclass(cfg_cls) else ()
+
+
+def _linked(x: Any) -> bool:
+    """Whether any tensor output has an autograd history (a view made without autograd still
+    reports ``requires_grad`` but has no ``grad_fn``)."""
+    return any(t.requires_grad and t.grad_fn is not None
+               for t in (x if isinstance(x, (list, tuple)) else [x]) if isinstance(t, Tensor))
+
+
 @MODELS.register_module()
 class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
     """An mmseg ``EncoderDecoder`` whose backbone is frozen and prompt-tuned.
@@ -95,7 +113,7 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
         backbone: Mapping[str, Any],
         decode_head: Mapping[str, Any],
         method: str = "spm",
-        method_cfg: Optional[Mapping[str, Any]] = None,
+        method_cfg: Optional[Union[MethodConfig, Mapping[str, Any]]] = None,
         stage_modules: Optional[Sequence[str]] = None,
         num_stages: Optional[int] = None,
         class_names: Optional[Sequence[str]] = None,
@@ -127,17 +145,46 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
                     "(promptmatch.TimmBackbone(num_stages=...)) instead"
                 )
 
-        # the method acts on the timm model itself for a TimmBackbone: stage names relative to it
-        self._init_prompted(self.backbone, method, self.num_classes, dict(method_cfg or {}), stage_modules=names,
-                            num_stages=num_stages if names is None else None, probe_size=probe,
-                            method_root=self.backbone.model if is_timm else None,
-                            method_prefix="model." if is_timm else "", then=check_stage_count,
-                            adopt_unfrozen=is_timm)
-        # mmseg backbones reshape and normalise a stage's output before handing it to the head, so
-        # the head does not read the tensor a matcher saw: prompts meant for the decoder alone
-        # (SPM's observers) could not reach it; they are left out and the method acts through
-        # the backbone only
-        self.method.decoder_reads(())
+        cfg = method_cfg.to_dict() if isinstance(method_cfg, MethodConfig) else dict(method_cfg or {})
+        # SPM's default lean mode needs the backbone to return its last stage's output itself; on
+        # one that computes its outputs after the last stage (a final norm or reshape: mmseg's
+        # ViT, BEiT, MAE, Swin, MiT) it could not train, so unless the config chose, the model
+        # backpropagates through the backbone there instead (v4's other settings kept)
+        auto_lean = "backprop_backbone" in _config_fields(method_cls) and "backprop_backbone" not in cfg
+
+        def finish(probe_lean: bool) -> None:
+            check_stage_count()
+            # Prompts meant for the decoder alone (SPM's observers) reach the head only where the
+            # backbone returns a stage's output as it is (ResNets, most timm CNNs); mmseg's
+            # transformers reshape and normalise it first, so the head does not read the tensor
+            # a matcher saw. In lean mode (no other way for an early matcher to act) the levels
+            # returned as they are get their prompts; otherwise (v3 and before, whose prompt
+            # checkpoints have none) they are left out and the method acts through the backbone
+            reads: Tuple[int, ...] = ()
+            if not self.method.grad_crosses_backbone:
+                reads, last_returned = self._probe_outputs(probe)
+                if probe_lean and not last_returned:
+                    raise _LeanUnreachable
+            self.method.decoder_reads(reads)
+
+        def build(probe_lean: bool) -> None:
+            # the method acts on the timm model itself for a TimmBackbone: stage names relative to it
+            self._init_prompted(self.backbone, method, self.num_classes, cfg, stage_modules=names,
+                                num_stages=num_stages if names is None else None, probe_size=probe,
+                                method_root=self.backbone.model if is_timm else None,
+                                method_prefix="model." if is_timm else "", then=lambda: finish(probe_lean),
+                                adopt_unfrozen=is_timm)
+
+        try:
+            build(auto_lean)
+        except _LeanUnreachable:
+            print_log(
+                f"promptmatch: {type(self.backbone).__name__} computes its outputs after its last stage, "
+                f"where {method}'s lean mode (the default) could not train; backpropagating through the "
+                "backbone instead (method_cfg=dict(backprop_backbone=True) says so and silences this)",
+                logger="current", level=logging.INFO)
+            cfg["backprop_backbone"] = True
+            build(False)
         staged = self.staged
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = int(getattr(self.decode_head, "ignore_index", 255))
@@ -184,13 +231,67 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
         return parsed, log_vars
 
     # -------------------------------------------------------------- forward
+    def _probe_outputs(self, size: Tuple[int, int]) -> Tuple[Tuple[int, ...], bool]:
+        """One pass on a zero image of ``size`` (no autograd): the stages whose output the
+        backbone returns as it is (by identity) where a neck or head reads it, and whether it
+        returns its last stage's output as it is (else it computes its outputs after the last
+        stage, where lean mode, which runs the backbone without autograd, loses the gradient)."""
+        param = next(self.method.parameters(), None)
+        inputs = torch.zeros(1, 3, *size, device=param.device if param is not None else None)
+        seen: Dict[int, List[Any]] = {st.index: [] for st in self.staged.stages}
+        # what each stage hands on: as its module returns it (these hooks run after the staging
+        # hooks) and as the boundary returned it (NCHW; what a staged timm model returns)
+        handles = [self.backbone.get_submodule(st.module).register_forward_hook(
+            lambda _m, _a, out, i=st.index: seen[i].append(out)) for st in self.staged.stages]
+        method, boundary = self.method, self.method.boundary
+
+        def spy(index: int, features: Tensor, state: Dict[str, Any]) -> Tensor:
+            out = boundary(index, features, state)
+            seen[index].append(out)
+            return out
+
+        method.boundary = spy
+        was_training = self.training
+        self.train()
+        try:
+            with torch.no_grad(), self.prompted_session(inputs):
+                x = self.backbone(inputs)
+        finally:
+            self.train(was_training)
+            del method.boundary
+            for h in handles:
+                h.remove()
+        outs = list(x) if isinstance(x, (list, tuple)) else [x]
+        read_at = self._output_positions_read(len(outs))
+
+        def returned(i: int, positions: Any) -> bool:
+            return any(o is t for o in seen[i] for p, t in enumerate(outs) if p in positions)
+
+        reads = tuple(i for i in sorted(seen) if returned(i, read_at))
+        return reads, returned(self.staged.stages[-1].index, range(len(outs)))
+
+    def _output_positions_read(self, n: int) -> set:
+        """Positions among the backbone's ``n`` outputs that a neck or head reads: all with a
+        neck, otherwise the ``in_index`` of the decode and auxiliary heads."""
+        if self.with_neck:
+            return set(range(n))
+        heads = [self.decode_head]
+        if self.with_auxiliary_head:
+            aux = self.auxiliary_head
+            heads += list(aux) if isinstance(aux, nn.ModuleList) else [aux]
+        read: set = set()
+        for h in heads:
+            idx = getattr(h, "in_index", None)
+            if idx is None:
+                return set(range(n))
+            read.update(int(i) % n for i in (idx if isinstance(idx, (list, tuple)) else [idx]))
+        return read
+
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
         with self.prompted_session(inputs) as state:
             x = self.backbone(inputs)
         if (not self.method.grad_crosses_backbone and torch.is_grad_enabled() and self.training
-                and not any(t.requires_grad and t.grad_fn is not None  # a view made without autograd
-                            for t in (x if isinstance(x, (list, tuple)) else [x])  # requires grad, unlinked
-                            if isinstance(t, Tensor))):
+                and not _linked(x)):
             raise RuntimeError(
                 f"{type(self.backbone).__name__} returns features computed after its last stage (a final "
                 "norm or reshape, run without autograd in SPM's lean mode), so no gradient would reach the "

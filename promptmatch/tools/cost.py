@@ -22,7 +22,7 @@ For every (decoder, variant) and the references ``linear`` (frozen backbone + he
 Prints one markdown table per decoder and writes every figure to ``--out``.
 
     .venv/bin/python tools/cost.py --backbone resnet50 --size 256 --batch 2 --decoder linear \\
-        --variant spm --variant 'late=spm:{"prompt_boundaries": [-2, -1]}' --out work_dirs/cost.json
+        --variant spm --variant 'late=spm:{"prompt_boundaries": [-2, -1], "backprop_backbone": true}' --out work_dirs/cost.json
 """
 from __future__ import annotations
 
