@@ -250,8 +250,8 @@ def test_checkpoint_files_and_metadata(saved):
     assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert spans[-1][1] == len(raw) - 8 - n, "bytes beyond the tensors"
     # not a pickle: the file starts with the header length (the error pickle reports depends on
-    # which opcode, if any, its low byte happens to be)
-    with pytest.raises(pickle.UnpicklingError):
+    # which opcode, if any, its low byte happens to be: an unknown one, or e.g. INT reading junk)
+    with pytest.raises((pickle.UnpicklingError, ValueError, EOFError)):
         pickle.loads(raw)
     with pytest.raises(pickle.UnpicklingError, match=r"(?s)Weights only load failed"):
         torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)  # bytes: a path would go to safetensors

@@ -187,7 +187,7 @@ def test_profiles_validate_and_grid():
     assert len(keys) == len(set(keys))
     peers = bm.load_spec(bm.profile_path("peers"))  # issue 18: every peer, both backbones, three seeds
     per_backbone = {b["name"]: set(b["methods"]) for b in peers.backbones}
-    assert {"ssf", "dora", "side", "lora", "linear", "spm"} <= per_backbone["efficientnet_lite0"]
+    assert {"ssf", "dora", "side", "lora", "linear", "spm-v3", "spm-v4"} <= per_backbone["efficientnet_lite0"]
     assert per_backbone["vit_small_patch14_dinov2"] == per_backbone["efficientnet_lite0"] | {"mona", "rein"}
     assert peers.seeds == [0, 1, 2] and {s["decoder"] for s in peers.settings} == {"linear", "multilevel"}
     peer_cells = bm.expand_grid(peers)
