@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .plots import plot_report
+from .spec import defaults_version
 from .store import ResultStore, latest_records
 
 __all__ = ["aggregate", "kendall_tau_b", "ranking_with_ties", "write_report", "reason_summary", "shorten", "tail_lines",
@@ -34,8 +35,6 @@ def _method_label(r: Mapping[str, Any]) -> str:
     """A record's method label; one recorded under earlier defaults of its method (its key
     names an older version than a cell of the same method and config would today) gets
     ``" (defaults vN)"``, so its seeds never pool with today's."""
-    from .spec import defaults_version
-
     try:
         key = json.loads(r["key"])
     except (KeyError, TypeError, ValueError):

@@ -91,8 +91,13 @@ class MethodConfig:
         return {**{k: v for k, v in cls.SAVED_BEFORE.items() if k not in data}, **dict(data)}
 
     @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        """The names of this config's fields (none for the undecorated base class)."""
+        return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = set(cls.field_names())
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields: {sorted(names)}")

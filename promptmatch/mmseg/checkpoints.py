@@ -94,7 +94,7 @@ def _load_runner_checkpoint(model: nn.Module, path: PathLike) -> Dict[str, Any]:
             problems.append(f"its frozen backbone differs from the config's pretrained backbone in {len(changed)} "
                             f"tensors (e.g. {changed[:3]}): it was trained on other backbone weights")
     if problems:
-        if getattr(model, "method_name", None) == "spm" and any("missing" in p or "not in this" in p for p in problems):
+        if getattr(model, "method_name", None) == "spm" and (missing or unexpected):
             problems.append("a Runner checkpoint of an SPM run made before 2026-12-06 with SPM's default settings "
                             "holds SPM v3: set model.method_cfg=promptmatch.SPMConfig.v3().to_dict() in the config")
         raise PromptMismatchError(f"Runner checkpoint {str(path)!r} does not match this model: " + "; ".join(problems))

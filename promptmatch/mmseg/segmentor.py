@@ -78,13 +78,6 @@ class _LeanUnreachable(Exception):
     """The backbone's outputs are computed after its last stage: lean mode cannot train."""
 
 
-def _config_fields(method_cls: Any) -> Tuple[str, ...]:
-    import dataclasses
-
-    cfg_cls = method_cls.config_class
-    return tuple(f.name for f in dataclasses.fields(cfg_cls)) if dataclasses.is_dataclass(cfg_cls) else ()
-
-
 def _linked(x: Any) -> bool:
     """Whether any tensor output has an autograd history (a view made without autograd still
     reports ``requires_grad`` but has no ``grad_fn``)."""
@@ -150,7 +143,7 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
         # one that computes its outputs after the last stage (a final norm or reshape: mmseg's
         # ViT, BEiT, MAE, Swin, MiT) it could not train, so unless the config chose, the model
         # backpropagates through the backbone there instead (v4's other settings kept)
-        auto_lean = "backprop_backbone" in _config_fields(method_cls) and "backprop_backbone" not in cfg
+        auto_lean = "backprop_backbone" in method_cls.config_class.field_names() and "backprop_backbone" not in cfg
 
         def finish(probe_lean: bool) -> None:
             check_stage_count()
