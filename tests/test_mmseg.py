@@ -134,6 +134,25 @@ def test_runner_checkpoint_of_another_backbone_refused(trained, tmp_path):
     assert not (tmp_path / "p.safetensors").exists()
 
 
+def test_runner_checkpoint_of_other_settings_refused(trained, tmp_path):
+    """A Runner checkpoint records its model's identity: a config with another setting whose
+    tensors fit all the same (SPM's prompt gain) is refused, not loaded silently."""
+    name, tmp, cfg, work, log = trained
+    if name != "upernet_r50":
+        pytest.skip("refusal is exercised once")
+    from promptmatch.mmseg.checkpoints import read_runner_identity
+
+    identity = read_runner_identity(work / "iter_2.pth")
+    assert identity is not None and identity["method"] == "spm"
+    assert identity["method_config"]["prompt_gain"] == pm.SPMConfig().prompt_gain
+    assert identity["class_names"] == ["red", "green", "blue"]
+    other = tmp_path / "other_gain.py"
+    other.write_text(f"_base_ = ['{cfg}']\nmodel = dict(method_cfg=dict(prompt_gain=1.5))\n")
+    res = run([python(), "tools/test.py", str(other), str(work / "iter_2.pth"), "--work-dir", str(tmp_path / "t")])
+    assert res.returncode != 0
+    assert "method_config.prompt_gain: checkpoint has 4.0, model has 1.5" in res.stderr, res.stderr[-2000:]
+
+
 def test_init_model_works_with_mmseg_inference(trained, data_root):
     name, tmp, cfg, work, log = trained
     if name != "upernet_r50":

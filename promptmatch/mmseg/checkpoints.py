@@ -5,22 +5,33 @@ A Runner checkpoint pickles Python objects besides the weights (the message hub'
 numpy arrays, the optimiser state). :func:`read_runner_state_dict` reads it without running
 any of that code: tensors are rebuilt by torch's own allow-list of safe globals, every other
 object becomes an inert placeholder, and only ``state_dict`` is kept.
+
+A prompted model publishes its identity (the record a prompt checkpoint stores: backbone
+fingerprint, method and its config, heads, classes) in mmengine's message hub at its first
+training step, so every Runner checkpoint of the run carries it (in the message hub's runtime
+information, which the Runner saves) and a model built with other settings is refused even
+where the tensors happen to fit (e.g. SPM with another ``prompt_gain``). Checkpoints written
+before 2026-12-07 carry none and are checked by their tensors alone.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import types
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..checkpoint import PromptMismatchError, load_prompts, save_prompts
+from ..checkpoint import PromptMismatchError, identity_differences, load_prompts, save_prompts
 from ..core import trainable_state_dict
 
-__all__ = ["read_runner_state_dict", "load_prompts_or_runner_checkpoint", "extract_prompts"]
+__all__ = ["read_runner_state_dict", "read_runner_identity", "load_prompts_or_runner_checkpoint", "extract_prompts",
+           "publish_identity"]
+
+IDENTITY_KEY = "promptmatch_identity"  # the message hub's runtime-information key
 
 PathLike = Union[str, os.PathLike]
 
@@ -57,9 +68,7 @@ def _restricted_pickle_module() -> types.ModuleType:
     return mod
 
 
-def read_runner_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """The model weights (``state_dict``) of an mmengine Runner checkpoint, read without
-    executing pickled code."""
+def _read_runner_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -70,11 +79,50 @@ def read_runner_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds no model state_dict (is it an mmengine Runner checkpoint?)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    hub = ckpt.get("message_hub")
+    info = hub.get("runtime_info") if isinstance(hub, dict) else None
+    raw = info.get(IDENTITY_KEY) if isinstance(info, dict) else None
+    identity = None
+    if isinstance(raw, str):
+        try:
+            identity = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"{str(path)!r}: its promptmatch identity record is not valid JSON (the file is "
+                             "damaged)") from None
+    return state, identity
+
+
+def read_runner_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The model weights (``state_dict``) of an mmengine Runner checkpoint, read without
+    executing pickled code."""
+    return _read_runner_checkpoint(path)[0]
+
+
+def read_runner_identity(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The identity record the prompted model of a Runner checkpoint's run published (as in a
+    prompt checkpoint's metadata), or None for checkpoints without one (written before
+    2026-12-07, or of a model that is not prompted)."""
+    return _read_runner_checkpoint(path)[1]
+
+
+def publish_identity(model: nn.Module) -> bool:
+    """Put ``model.describe()`` into mmengine's current message hub, which every Runner
+    checkpoint saves, so :func:`load_prompts_or_runner_checkpoint` can refuse a model built
+    with other settings. True once published."""
+    from mmengine.logging import MessageHub
+
+    MessageHub.get_current_instance().update_info(IDENTITY_KEY, json.dumps(model.describe()), resumed=True)
+    return True
 
 
 def _load_runner_checkpoint(model: nn.Module, path: PathLike) -> Dict[str, Any]:
-    state = read_runner_state_dict(path)
+    state, identity = _read_runner_checkpoint(path)
+    if identity is not None and hasattr(model, "describe"):
+        diffs = identity_differences(model.describe(), identity)
+        if diffs:
+            raise PromptMismatchError(f"Runner checkpoint {str(path)!r} does not match this model:\n  - "
+                                      + "\n  - ".join(diffs))
     own = model.state_dict()
     trainable = set(trainable_state_dict(model))
     frozen = [k for k in own if k not in trainable]
@@ -94,7 +142,7 @@ def _load_runner_checkpoint(model: nn.Module, path: PathLike) -> Dict[str, Any]:
             problems.append(f"its frozen backbone differs from the config's pretrained backbone in {len(changed)} "
                             f"tensors (e.g. {changed[:3]}): it was trained on other backbone weights")
     if problems:
-        if getattr(model, "method_name", None) == "spm" and (missing or unexpected):
+        if identity is None and getattr(model, "method_name", None) == "spm" and (missing or unexpected):
             problems.append("a Runner checkpoint of an SPM run made before 2026-12-06 with SPM's default settings "
                             "holds SPM v3: set model.method_cfg=promptmatch.SPMConfig.v3().to_dict() in the config")
         raise PromptMismatchError(f"Runner checkpoint {str(path)!r} does not match this model: " + "; ".join(problems))

@@ -187,6 +187,7 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
                  "with model.max_bad_steps=N",
             log=_log_warning)
         self._guarded_step = False
+        self._identity_published = False
         rep = parameter_report(self)
         print_log(
             f"promptmatch: {method} on {type(self.backbone).__name__} stages "
@@ -300,6 +301,10 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
         return x
 
     def loss(self, inputs: Tensor, data_samples) -> Dict[str, Tensor]:
+        if not self._identity_published:  # into the Runner checkpoints of this run: see checkpoints.py
+            from .checkpoints import publish_identity
+
+            self._identity_published = publish_identity(self)
         x, state = self._backbone_with_prompts(inputs)
         if self.with_neck:
             x = self.neck(x)
