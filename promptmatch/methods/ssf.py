@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..staging import Stage
-from ..staging._probe import probe_sizes
+from ..staging import probe_sizes
 from .base import MethodConfig, MethodNotApplicableError, TuningMethod, register_method
 
 __all__ = ["SSFConfig", "SSF", "ssf_targets"]

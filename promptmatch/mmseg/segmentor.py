@@ -25,7 +25,9 @@ from ..divergence import DivergenceError, DivergenceGuard, check_max_bad_steps
 from ..methods import MethodConfig, MethodNotApplicableError, get_method, interim_losses
 from ..params import parameter_report
 from ..registry import MODELS
-from ..staging import group_blocks
+from ..staging import group_blocks, probe_sizes
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["PromptEncoderDecoder", "default_stage_modules", "SUPPORTED_BACKBONES"]
 
@@ -155,7 +157,7 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
             # checkpoints have none) they are left out and the method acts through the backbone
             reads: Tuple[int, ...] = ()
             if not self.method.grad_crosses_backbone:
-                reads, last_returned = self._probe_outputs(probe)
+                reads, last_returned = self._probe_outputs_at_a_size()
                 if probe_lean and not last_returned:
                     raise _LeanUnreachable
             self.method.decoder_reads(reads)
@@ -225,6 +227,20 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
         return parsed, log_vars
 
     # -------------------------------------------------------------- forward
+    def _probe_outputs_at_a_size(self) -> Tuple[Tuple[int, ...], bool]:
+        """:meth:`_probe_outputs` at the first input size the backbone takes among those its
+        staging probe tries (a backbone with a fixed input size gets that size)."""
+        st = self.staged
+        sizes = probe_sizes(st.stages, st.probe_size, st.fixed_img_size, st.patch_size)
+        for n, size in enumerate(sizes):
+            try:
+                return self._probe_outputs(size)
+            except Exception as e:  # noqa: BLE001 - another size may work; the last failure is raised
+                if n == len(sizes) - 1:
+                    raise
+                _logger.debug("output probe of %s at %s failed: %r", type(self.backbone).__name__, size, e)
+        raise AssertionError("probe_sizes returned no size")  # pragma: no cover
+
     def _probe_outputs(self, size: Tuple[int, int]) -> Tuple[Tuple[int, ...], bool]:
         """One pass on a zero image of ``size`` (no autograd): the stages whose output the
         backbone returns as it is (by identity) where a neck or head reads it, and whether it

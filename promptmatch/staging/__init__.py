@@ -11,7 +11,7 @@ strides) by one forward pass, and :class:`BoundaryHooks` runs the hooked forward
 """
 from ._backbone import StagedBackbone, freeze_module, stage_backbone
 from ._hooks import BoundaryFn, BoundaryHooks, HookedRun
-from ._probe import probe_stages
+from ._probe import probe_sizes, probe_stages
 from ._stages import Stage, find_stages, group_blocks
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "find_stages",
     "freeze_module",
     "group_blocks",
+    "probe_sizes",
     "probe_stages",
     "stage_backbone",
 ]
