@@ -191,7 +191,8 @@ def test_profiles_validate_and_grid():
     assert per_backbone["vit_small_patch14_dinov2"] == per_backbone["efficientnet_lite0"] | {"mona", "rein"}
     assert peers.seeds == [0, 1, 2] and {s["decoder"] for s in peers.settings} == {"linear", "multilevel"}
     peer_cells = bm.expand_grid(peers)
-    assert all(len(bm.method_lrs(c.settings, c.method)) == 3 for c in peer_cells)  # a fair lr per method
+    grids = {tuple(bm.method_lrs(c.settings, c.method)) for c in peer_cells}
+    assert len(grids) == 1 and len(next(iter(grids))) >= 3  # a fair lr per method: one sweep for all
     assert not {d["name"] for d in peers.datasets} & {"texture_bands", "scale_objects"}  # SPM's held-out sets
 
 
