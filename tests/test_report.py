@@ -117,12 +117,25 @@ def test_report_lr_section(tmp_path):
     assert ("| ade | vit-t | linear frozen | lora | 1e-04 (seed 1), 1e-03 (seed 0) | "
             "1e-04: 40.5; 1e-03: 42.0 (diverged in 1 of 2 seeds) | 1.5 |") in section
     assert "| linear |" not in section
+    # choices at the edge of the tried range are named
+    assert ("Chose the highest learning rate tried (1 of 2 rows; their best lr may lie outside the range tried): "
+            "lora on ade, vit-t, linear frozen (seed 0).") in section
+    assert ("Chose the lowest learning rate tried (2 of 2 rows; their best lr may lie outside the range tried): "
+            "lora on ade, vit-t, linear frozen (seed 1); spm on ade, vit-t, linear frozen (seeds 0,1).") in section
     # the main table keeps its columns
     assert ("| backbone | setting | method | seeds | val mIoU | trainable (% bb) | ckpt KB | step ms | img/s | "
             "peak MB | latency ms |") in report
     rows = {r["method"]: r for r in aggregate(recs)}
     assert rows["spm"]["lr_chosen"] == [1e-4, 1e-4, 3e-4]
     assert "lr_chosen" not in rows["linear"]
+
+
+def test_report_lr_section_inside_the_range(tmp_path):
+    recs = [make_record("spm", s, {"val": 0.5}, lr_trials=trials({1e-4: 0.40, 3e-4: 0.45, 1e-3: 0.41}),
+                        lr_chosen=3e-4, holdout_fraction=0.2) for s in range(2)]
+    report = write(tmp_path, recs)
+    assert "No seed chose the highest or the lowest learning rate tried." in report
+    assert "Chose the highest" not in report and "Chose the lowest" not in report
 
 
 def test_report_without_lr_trials_has_no_lr_section(tmp_path):

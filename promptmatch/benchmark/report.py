@@ -335,6 +335,7 @@ def _lr_section(records: List[Dict[str, Any]]) -> List[str]:
            "means, in points (small: the method is insensitive to the lr in this range).", "",
            "| dataset | backbone | setting | method | chosen lr (per seed) | held-out mIoU per tried lr | spread |",
            "|---|---|---|---|---|---|---|"]
+    edges: Dict[str, List[str]] = {"highest": [], "lowest": []}
     for key, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
         chosen: Dict[float, List[int]] = {}
@@ -362,6 +363,17 @@ def _lr_section(records: List[Dict[str, Any]]) -> List[str]:
             cells.append(f"{_lr(lr)}: {text}")
         spread = f"{100 * (max(means) - min(means)):.1f}" if len(means) > 1 else "–"
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {chosen_text} | {'; '.join(cells)} | {spread} |")
+        if len(trials) > 1:
+            for edge, lr in (("highest", max(trials)), ("lowest", min(trials))):
+                if lr in chosen:
+                    edges[edge].append(f"{key[3]} on {key[0]}, {key[1]}, {key[2]} ({_seeds_text(chosen[lr])})")
+    out.append("")
+    if not edges["highest"] and not edges["lowest"]:
+        out.append("No seed chose the highest or the lowest learning rate tried.")
+    for edge, rows in edges.items():
+        if rows:
+            out.append(f"Chose the {edge} learning rate tried ({len(rows)} of {len(groups)} rows; their best lr may "
+                       f"lie outside the range tried): " + "; ".join(rows) + ".")
     return out + [""]
 
 
