@@ -58,11 +58,26 @@ def family(request):
     return request.param
 
 
-def make_backbone(name, kwargs, seed=0):
+def make_backbone(name, kwargs, seed=0, live_branches=True):
+    """A randomly initialised timm backbone whose every branch acts, as in a pretrained one:
+    timm zero-initialises the last norm of each residual branch (``zero_init_last``), which
+    would leave a method acting inside those branches (LoRA, DoRA, SSF on a ResNet's convs)
+    without any effect on the output, and tests of it passing for the wrong reason.
+    ``live_branches=False``: timm's own initialisation (what the checkpoints in tests/data,
+    written before 2026-12-07, were made with)."""
     import promptmatch as pm
 
     torch.manual_seed(seed)
-    return pm.create_backbone(name, **kwargs)
+    model = pm.create_backbone(name, **kwargs)
+    if not live_branches:
+        return model
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if (isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm))
+                    and isinstance(w, torch.Tensor) and w.numel() and not w.any()):
+                w.fill_(1.0)
+    return model
 
 
 def make_batch(side, n=2, num_classes=4, seed=0):

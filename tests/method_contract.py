@@ -8,6 +8,7 @@ method names.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import FrozenSet, List, Tuple
@@ -149,6 +150,25 @@ def check_round_trip(model: pm.PromptSegmentor, method: str, backbone: ContractB
     assert trainable and set(pm.read_prompt_metadata(path)["tensors"]) >= trainable
 
 
+def check_deep_copy(model: pm.PromptSegmentor, images: torch.Tensor) -> None:
+    """``copy.deepcopy`` of a trained model computes what the model does and runs its own
+    parameters (an EMA or teacher copy): changing the copy's method parameters changes the
+    copy's output and leaves the original's as it was."""
+    model.eval()
+    with torch.no_grad():
+        want = model(images)
+        twin = copy.deepcopy(model).eval()
+        torch.testing.assert_close(twin(images), want, rtol=0, atol=0)
+        own = [p for n, p in twin.named_parameters() if p.requires_grad and not n.startswith("decode_head.")]
+        if not own:
+            return  # nothing but the head trains (linear probing)
+        g = torch.Generator().manual_seed(7)
+        for p in own:
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+        assert not torch.allclose(twin(images), want), "the copy's method parameters do not act in the copy"
+        torch.testing.assert_close(model(images), want, rtol=0, atol=0)
+
+
 def check_method_contract(method: str, backbone: ContractBackbone, tmp_path: Path, steps: int = 30) -> None:
     """Every check above for one registered method on one backbone of the matrix."""
     if not applies(method, backbone):
@@ -160,3 +180,4 @@ def check_method_contract(method: str, backbone: ContractBackbone, tmp_path: Pat
     model = build(method, backbone)
     check_training(model, images, labels, steps=steps)
     check_round_trip(model, method, backbone, tmp_path, images)
+    check_deep_copy(model, images)

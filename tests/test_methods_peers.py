@@ -232,7 +232,7 @@ def test_rein_defaults_and_prefix_tokens_pass_unchanged():
     perturb(model)
     out = torch.randn(2, 1 + 16, 64)  # the class token and a 4 x 4 grid
     with torch.no_grad():
-        refined = m._make_hook(0)(model.backbone.blocks[0], (out,), out)
+        refined = m._block_hook(0, model.backbone.blocks[0], (out,), out)
     assert torch.equal(refined[:, :1], out[:, :1]) and not torch.equal(refined[:, 1:], out[:, 1:])
     with pytest.raises(ValueError, match="ReinConfig.rank must be a positive int"):
         ReinConfig(rank=0)

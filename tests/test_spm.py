@@ -325,13 +325,13 @@ def test_v2_checkpoint_loads_into_a_v2_model():
     meta = pm.read_prompt_metadata(data / "prompts.safetensors")
     assert "decoder_taps" not in meta["method_config"]  # written before the field existed
     ref = torch.load(data / "reference.pt")
-    model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel",
+    model = pm.create_segmentor(make_backbone("test_resnet", {}, live_branches=False), "spm", 3, "multilevel",
                                 method_cfg=pm.SPMConfig.v2()).eval()
     pm.load_prompts(model, data / "prompts.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(model(ref["images"]), ref["logits"], rtol=1e-5, atol=1e-5)
     assert pm.SPMConfig() != pm.SPMConfig.v2()  # so the default model must refuse it
-    default = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel")
+    default = pm.create_segmentor(make_backbone("test_resnet", {}, live_branches=False), "spm", 3, "multilevel")
     with pytest.raises(pm.PromptMismatchError, match="SPMConfig.v2"):
         pm.load_prompts(default, data / "prompts.safetensors")
 
@@ -492,15 +492,15 @@ def test_v3_checkpoint_loads_into_the_v3_model():
     assert "backprop_backbone" not in meta["method_config"]  # written before the field existed
     ref = torch.load(data / "reference.pt")
     for cfg in (pm.SPMConfig.v3(), pm.SPMConfig.v3().to_dict()):
-        model = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=cfg).eval()
+        model = pm.create_segmentor(make_backbone("test_resnet", {}, live_branches=False), "spm", 3, "multilevel", method_cfg=cfg).eval()
         pm.load_prompts(model, data / "prompts.safetensors")
         with torch.no_grad():
             torch.testing.assert_close(model(ref["images"]), ref["logits"], rtol=1e-5, atol=1e-5)
-    lean = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.lean())
+    lean = pm.create_segmentor(make_backbone("test_resnet", {}, live_branches=False), "spm", 3, "multilevel", method_cfg=pm.SPMConfig.lean())
     with pytest.raises(pm.PromptMismatchError, match="method_config"):
         pm.load_prompts(lean, data / "prompts.safetensors")
     for cfg in (pm.SPMConfig.v4(), None):  # None: the defaults, v4 since 2026-12-06
-        v4 = pm.create_segmentor(make_backbone("test_resnet", {}), "spm", 3, "multilevel", method_cfg=cfg)
+        v4 = pm.create_segmentor(make_backbone("test_resnet", {}, live_branches=False), "spm", 3, "multilevel", method_cfg=cfg)
         with pytest.raises(pm.PromptMismatchError, match=r"(?s)method_config\.backprop_backbone.*trained with "
                                                          r"promptmatch\.SPMConfig\.v3\(\): build the model with "
                                                          r"method_cfg=promptmatch\.SPMConfig\.v3\(\)"):

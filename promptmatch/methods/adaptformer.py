@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -118,16 +119,13 @@ class AdaptFormer(TuningMethod):
                 self.adapters.to(ref.device)
         self.adapted_modules = tuple(n for n, _, _, _ in mlps)
         for i, (_, mlp, _, _) in enumerate(mlps):
-            self.hook_backbone(mlp, self._make_hook(i))
+            self.hook_backbone(mlp, partial(self._block_hook, i))
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""
         self.remove_hooks()
         object.__setattr__(self, "_backbone_ref", None)
 
-    def _make_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            return output + self.adapters[index](x).to(output.dtype)
-
-        return hook
+    def _block_hook(self, index: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        return output + self.adapters[index](x).to(output.dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,12 +20,53 @@ __all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "interim_
 _ACTING = threading.local()
 
 
-def _acting_counts() -> Dict[int, int]:
-    """``id()`` of each method whose pass runs in this thread, with its nesting depth."""
-    counts = getattr(_ACTING, "counts", None)
-    if counts is None:
-        counts = _ACTING.counts = {}
-    return counts
+def _acting_methods() -> Dict[object, List[Any]]:
+    """The methods whose pass runs in this thread: their gate token -> [method, nesting depth]."""
+    acting = getattr(_ACTING, "methods", None)
+    if acting is None:
+        acting = _ACTING.methods = {}
+    return acting
+
+
+class _GateToken:
+    """Identifies one method for its hooks. A deep copy of the method gets its own (so a copied
+    model's hooks act in the copy's passes); DataParallel's replicas share the original's (their
+    hooks are the original's), and each replica's pass runs in its own thread."""
+
+    __slots__ = ()
+
+
+class GatedHook:
+    """A backbone hook that acts only within :meth:`TuningMethod.acting` of its method, and then
+    calls the method's hook function ``name`` (with ``args`` first) on the method instance
+    acting in this thread: a deep copy of the model, or a DataParallel replica, runs its own
+    parameters, never the original's. A hook returning None leaves the module as it is."""
+
+    __slots__ = ("token", "name", "args")
+
+    def __init__(self, token: _GateToken, name: str, args: Tuple[Any, ...] = ()) -> None:
+        self.token, self.name, self.args = token, name, tuple(args)
+
+    def __call__(self, *hook_args: Any, **hook_kwargs: Any) -> Any:
+        entry = _acting_methods().get(self.token)
+        if entry is None:
+            return None
+        return getattr(entry[0], self.name)(*self.args, *hook_args, **hook_kwargs)
+
+
+class _GatedCallable:
+    """An arbitrary hook callable gated to its method's passes (it keeps whatever it captured:
+    a deep copy or replica of the model runs the same callable)."""
+
+    __slots__ = ("token", "hook")
+
+    def __init__(self, token: _GateToken, hook: Callable[..., Any]) -> None:
+        self.token, self.hook = token, hook
+
+    def __call__(self, *hook_args: Any, **hook_kwargs: Any) -> Any:
+        if self.token not in _acting_methods():
+            return None
+        return self.hook(*hook_args, **hook_kwargs)
 
 
 class MethodNotApplicableError(ValueError):
@@ -151,6 +193,7 @@ class TuningMethod(nn.Module):
         self.num_classes = num_classes
         self.config = config
         self._hook_handles: List[Any] = []
+        self._gate_token = _GateToken()
 
     def attach(self, backbone: nn.Module) -> None:
         """Called once when the segmentor is built, after the backbone is staged (and frozen
@@ -161,35 +204,43 @@ class TuningMethod(nn.Module):
 
     @contextmanager
     def acting(self) -> Iterator[None]:
-        """Within the block, hooks this method made with :meth:`gated` act (in this thread);
-        the segmentor runs each of its passes inside it."""
-        counts, key = _acting_counts(), id(self)
-        counts[key] = counts.get(key, 0) + 1
+        """Within the block, hooks this method made with :meth:`hook_backbone` (or :meth:`gated`)
+        act (in this thread); the segmentor runs each of its passes inside it."""
+        acting, token = _acting_methods(), self._gate_token
+        entry = acting.get(token)
+        if entry is None:
+            entry = acting[token] = [self, 0]
+        entry[1] += 1
         try:
             yield
         finally:
-            counts[key] -= 1
-            if not counts[key]:
-                del counts[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del acting[token]
 
     def gated(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         """``hook`` (a forward or forward-pre hook for a backbone module) made to act only
         within :meth:`acting`, i.e. in this method's own passes: another segmentor sharing the
-        backbone (a :class:`~promptmatch.PromptBank`) sees the module unchanged."""
-        key = id(self)
+        backbone (a :class:`~promptmatch.PromptBank`) sees the module unchanged.
 
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if key not in _acting_counts():
-                return None  # a hook returning None leaves the module's input/output as it is
-            return hook(*args, **kwargs)
-
-        return run
+        A bound method of this method, or a ``functools.partial`` of one with positional
+        arguments, is called on the instance acting in the thread (so ``copy.deepcopy`` of the
+        model and DataParallel replicas run their own parameters); any other callable is
+        called as it is, with what it captured."""
+        func, args = hook, ()
+        if isinstance(func, functools.partial) and not func.keywords:
+            func, args = func.func, func.args
+        if getattr(func, "__self__", None) is self and hasattr(func, "__name__"):
+            return GatedHook(self._gate_token, func.__name__, args)
+        return _GatedCallable(self._gate_token, hook)
 
     def hook_backbone(self, module: nn.Module, hook: Callable[..., Any], *, pre: bool = False,
                       **kwargs: Any) -> None:
         """Register ``hook`` on a backbone ``module`` (a forward hook; a forward-pre hook with
         ``pre``; ``kwargs`` go to the registration, e.g. ``prepend``), :meth:`gated` to this
-        method's own passes; :meth:`remove_hooks` removes it again."""
+        method's own passes; :meth:`remove_hooks` removes it again. Pass a bound method of
+        this method (or a ``functools.partial`` of one) so that copies of the model run
+        their own parameters."""
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._hook_handles.append(register(self.gated(hook), **kwargs))
 

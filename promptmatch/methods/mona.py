@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -181,10 +182,10 @@ class Mona(TuningMethod):
         if isinstance(pe, nn.Module):
             self.hook_backbone(pe, self._on_patch_embed)
         for i, (_, blk, _) in enumerate(blocks):
-            self.hook_backbone(blk, self._make_pre_hook(i), pre=True, with_kwargs=True)
-            self.hook_backbone(blk.drop_path1, self._make_attn_hook(i))
+            self.hook_backbone(blk, partial(self._pre_hook, i), pre=True, with_kwargs=True)
+            self.hook_backbone(blk.drop_path1, partial(self._attn_hook, i))
             # before any other hook: a stage boundary on the block sees the adapted output
-            self.hook_backbone(blk, self._make_mlp_hook(i), prepend=True)
+            self.hook_backbone(blk, partial(self._mlp_hook, i), prepend=True)
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""
@@ -209,27 +210,18 @@ class Mona(TuningMethod):
             raise RuntimeError(f"mona: {x.shape[1]} tokens do not cover a {grid[0]}x{grid[1]} patch grid")
         return grid, prefix
 
-    def _make_pre_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
-            x = args[0] if args else kwargs["x"]
-            given = args[1] if len(args) > 1 else kwargs.get("feat_size")  # PVTv2 blocks get their grid
-            given = (int(given[0]), int(given[1])) if isinstance(given, (tuple, list)) and len(given) == 2 else None
-            grid, prefix = self._layout(x, given)
-            self._inputs[(threading.get_ident(), index)] = (x, grid, prefix)
+    def _pre_hook(self, index: int, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
+        x = args[0] if args else kwargs["x"]
+        given = args[1] if len(args) > 1 else kwargs.get("feat_size")  # PVTv2 blocks get their grid
+        given = (int(given[0]), int(given[1])) if isinstance(given, (tuple, list)) and len(given) == 2 else None
+        grid, prefix = self._layout(x, given)
+        self._inputs[(threading.get_ident(), index)] = (x, grid, prefix)
 
-        return hook
+    def _attn_hook(self, index: int, module: nn.Module, args: tuple, a: torch.Tensor) -> torch.Tensor:
+        x, grid, prefix = self._inputs[(threading.get_ident(), index)]
+        y = x.reshape(a.shape) + a  # the residual stream after attention
+        return a + self.adapters[2 * index](y, grid, prefix)
 
-    def _make_attn_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, a: torch.Tensor) -> torch.Tensor:
-            x, grid, prefix = self._inputs[(threading.get_ident(), index)]
-            y = x.reshape(a.shape) + a  # the residual stream after attention
-            return a + self.adapters[2 * index](y, grid, prefix)
-
-        return hook
-
-    def _make_mlp_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            _, grid, prefix = self._inputs.pop((threading.get_ident(), index))
-            return out + self.adapters[2 * index + 1](out, grid, prefix)
-
-        return hook
+    def _mlp_hook(self, index: int, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        _, grid, prefix = self._inputs.pop((threading.get_ident(), index))
+        return out + self.adapters[2 * index + 1](out, grid, prefix)

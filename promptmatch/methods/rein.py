@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import List, Sequence, Tuple
 
 import torch
@@ -88,7 +89,7 @@ class Rein(TuningMethod):
         self.adapted_modules = tuple(n for n, _, _ in blocks)
         for i, (_, blk, _) in enumerate(blocks):
             # before any other hook: a stage boundary on the block sees the refined output
-            self.hook_backbone(blk, self._make_hook(i), prepend=True)
+            self.hook_backbone(blk, partial(self._block_hook, i), prepend=True)
 
     def _build(self, backbone: nn.Module) -> None:
         cfg: ReinConfig = self.config
@@ -122,14 +123,11 @@ class Rein(TuningMethod):
         delta = sim @ self.token_proj[key](tokens)
         return self.out_proj[key](delta + f).to(f.dtype)
 
-    def _make_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            if out.ndim == 3 and self._prefix:  # (N, L, C) tokens: the prefix passes unchanged
-                head, body = out[:, :self._prefix], out[:, self._prefix:]
-                return torch.cat([head, body + self.refine(index, body)], dim=1)
-            return out + self.refine(index, out)
-
-        return hook
+    def _block_hook(self, index: int, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if out.ndim == 3 and self._prefix:  # (N, L, C) tokens: the prefix passes unchanged
+            head, body = out[:, :self._prefix], out[:, self._prefix:]
+            return torch.cat([head, body + self.refine(index, body)], dim=1)
+        return out + self.refine(index, out)
 
     def extra_repr(self) -> str:
         cfg: ReinConfig = self.config

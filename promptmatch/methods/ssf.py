@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -198,21 +199,18 @@ class SSF(TuningMethod):
         self._targets = [(m, d) for _, m, d, _ in targets]
         for i, (_, m, d, _) in enumerate(targets):
             # before any other hook (a stage boundary on the same module sees the adapted output)
-            self.hook_backbone(m, self._make_hook(i, d), prepend=True)
+            self.hook_backbone(m, partial(self._block_hook, i, d), prepend=True)
 
     def detach(self) -> None:
         """Remove the hooks; the backbone computes its plain outputs again."""
         self.remove_hooks()
 
-    def _make_hook(self, index: int, dim: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            shape = [1] * output.ndim
-            shape[dim] = -1
-            scale = self.scales[index].to(output.dtype).view(shape)
-            shift = self.shifts[index].to(output.dtype).view(shape)
-            return output * scale + shift
-
-        return hook
+    def _block_hook(self, index: int, dim: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        shape = [1] * output.ndim
+        shape[dim] = -1
+        scale = self.scales[index].to(output.dtype).view(shape)
+        shift = self.shifts[index].to(output.dtype).view(shape)
+        return output * scale + shift
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> Tuple[str, ...]:

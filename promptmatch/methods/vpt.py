@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -135,7 +136,7 @@ class VisualPromptTuning(TuningMethod):
         self.shares_backbone = not self._npt_patched
         hooked = blocks if cfg.deep else blocks[:1]
         for i, blk in enumerate(hooked):
-            self.hook_backbone(blk, self._make_hook(i), pre=True, with_kwargs=True)
+            self.hook_backbone(blk, partial(self._block_hook, i), pre=True, with_kwargs=True)
 
     def detach(self) -> None:
         """Remove the hooks and undo the attention changes; the backbone is plain again."""
@@ -147,23 +148,20 @@ class VisualPromptTuning(TuningMethod):
         object.__setattr__(self, "_backbone_ref", None)
 
     # ------------------------------------------------------------------- hooks
-    def _make_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
-            in_args = bool(args)
-            x = args[0] if in_args else kwargs["x"]
-            t = self.config.num_tokens
-            npt = self.num_prefix_tokens
-            p = self.prompt_dropout(self.prompts[index]).to(dtype=x.dtype, device=x.device)
-            p = p.unsqueeze(0).expand(x.shape[0], -1, -1)
-            rest = x[:, npt:] if index == 0 else x[:, npt + t:]  # block 0 inserts, later blocks replace
-            x = torch.cat([x[:, :npt], p, rest], dim=1)
-            if in_args:
-                return (x,) + tuple(args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["x"] = x
-            return args, kwargs
-
-        return hook
+    def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
+        in_args = bool(args)
+        x = args[0] if in_args else kwargs["x"]
+        t = self.config.num_tokens
+        npt = self.num_prefix_tokens
+        p = self.prompt_dropout(self.prompts[index]).to(dtype=x.dtype, device=x.device)
+        p = p.unsqueeze(0).expand(x.shape[0], -1, -1)
+        rest = x[:, npt:] if index == 0 else x[:, npt + t:]  # block 0 inserts, later blocks replace
+        x = torch.cat([x[:, :npt], p, rest], dim=1)
+        if in_args:
+            return (x,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["x"] = x
+        return args, kwargs
 
     def extra_repr(self) -> str:
         cfg: VPTConfig = self.config
