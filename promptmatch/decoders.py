@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._config import DataclassConfig
 from .staging import Stage
 
 __all__ = [
@@ -31,24 +32,12 @@ __all__ = [
 
 
 @dataclasses.dataclass
-class DecoderConfig:
+class DecoderConfig(DataclassConfig):
     """Base class of decoder configs: plain, JSON-serialisable dataclasses whose fields are the
     decoder's keyword arguments."""
 
     #: the registered name of the decoder this config builds (set by :func:`register_decoder`)
     decoder_name = ""
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DecoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields: {sorted(names)}")
-        return cls(**dict(data))
 
 
 @dataclasses.dataclass

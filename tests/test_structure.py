@@ -22,7 +22,7 @@ LAYERS: Dict[str, int] = {
     "promptmatch.version": 0, "promptmatch.constants": 0, "promptmatch._locking": 0,
     "promptmatch._wheels": 0, "promptmatch.records": 0, "promptmatch.measure": 0,
     "promptmatch.stack": 0, "promptmatch.divergence": 0, "promptmatch.visualize": 0,
-    "promptmatch.weights": 0, "promptmatch._atomic": 0,
+    "promptmatch.weights": 0, "promptmatch._atomic": 0, "promptmatch._config": 0,
     # 1 model plumbing
     "promptmatch.staging": 1, "promptmatch.backbones": 1, "promptmatch.inference": 1,
     # 2 plug-ins

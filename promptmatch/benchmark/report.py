@@ -367,14 +367,10 @@ def _lr_section(records: List[Dict[str, Any]]) -> List[str]:
             for edge, lr in (("highest", max(trials)), ("lowest", min(trials))):
                 if lr in chosen:
                     edges[edge].append(f"{key[3]} on {key[0]}, {key[1]}, {key[2]} ({_seeds_text(chosen[lr])})")
-    out.append("")
-    if not edges["highest"] and not edges["lowest"]:
-        out.append("No seed chose the highest or the lowest learning rate tried.")
-    for edge, rows in edges.items():
-        if rows:
-            out.append(f"Chose the {edge} learning rate tried ({len(rows)} of {len(groups)} rows; their best lr may "
-                       f"lie outside the range tried): " + "; ".join(rows) + ".")
-    return out + [""]
+    out += [""] + [f"Chose the {edge} learning rate tried ({len(rows)} of {len(groups)} rows; their best lr may lie "
+                   "outside the range tried): " + "; ".join(rows) + "." for edge, rows in edges.items() if rows]
+    return out + ([] if edges["highest"] or edges["lowest"] else
+                  ["No seed chose the highest or the lowest learning rate tried."]) + [""]
 
 
 def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:

@@ -1,7 +1,6 @@
 """The seam every tuning method plugs into."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import threading
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Mapp
 import torch
 from torch import nn
 
+from .._config import DataclassConfig
 from ..staging import Stage
 
 __all__ = ["MethodConfig", "MethodNotApplicableError", "TuningMethod", "interim_losses", "register_method", "unregister_method", "get_method",
@@ -74,12 +74,8 @@ class MethodNotApplicableError(ValueError):
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(DataclassConfig):
     """Base class of method configs: plain, JSON-serialisable dataclasses."""
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     def _fail(self, name: str, what: str) -> None:
         raise ValueError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}")
@@ -131,19 +127,6 @@ class MethodConfig:
         """``data`` (a config saved in a checkpoint) with every field it lacks that was added
         later set to the value it had before that field existed."""
         return {**{k: v for k, v in cls.SAVED_BEFORE.items() if k not in data}, **dict(data)}
-
-    @classmethod
-    def field_names(cls) -> Tuple[str, ...]:
-        """The names of this config's fields (none for the undecorated base class)."""
-        return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
-        names = set(cls.field_names())
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields: {sorted(names)}")
-        return cls(**dict(data))
 
 
 class TuningMethod(nn.Module):

@@ -25,9 +25,9 @@ from ..divergence import DivergenceError, DivergenceGuard, check_max_bad_steps
 from ..methods import MethodConfig, MethodNotApplicableError, get_method, interim_losses
 from ..params import parameter_report
 from ..registry import MODELS
-from ..staging import group_blocks, probe_sizes
+from ..staging import group_blocks
+from ._output_probe import probe_outputs
 
-_logger = logging.getLogger(__name__)
 
 __all__ = ["PromptEncoderDecoder", "default_stage_modules", "SUPPORTED_BACKBONES"]
 
@@ -157,7 +157,7 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
             # checkpoints have none) they are left out and the method acts through the backbone
             reads: Tuple[int, ...] = ()
             if not self.method.grad_crosses_backbone:
-                reads, last_returned = self._probe_outputs_at_a_size()
+                reads, last_returned = probe_outputs(self)
                 if probe_lean and not last_returned:
                     raise _LeanUnreachable
             self.method.decoder_reads(reads)
@@ -227,76 +227,6 @@ class PromptEncoderDecoder(PromptedCore, EncoderDecoder):
         return parsed, log_vars
 
     # -------------------------------------------------------------- forward
-    def _probe_outputs_at_a_size(self) -> Tuple[Tuple[int, ...], bool]:
-        """:meth:`_probe_outputs` at the first input size the backbone takes among those its
-        staging probe tries (a backbone with a fixed input size gets that size)."""
-        st = self.staged
-        sizes = probe_sizes(st.stages, st.probe_size, st.fixed_img_size, st.patch_size)
-        for n, size in enumerate(sizes):
-            try:
-                return self._probe_outputs(size)
-            except Exception as e:  # noqa: BLE001 - another size may work; the last failure is raised
-                if n == len(sizes) - 1:
-                    raise
-                _logger.debug("output probe of %s at %s failed: %r", type(self.backbone).__name__, size, e)
-        raise AssertionError("probe_sizes returned no size")  # pragma: no cover
-
-    def _probe_outputs(self, size: Tuple[int, int]) -> Tuple[Tuple[int, ...], bool]:
-        """One pass on a zero image of ``size`` (no autograd): the stages whose output the
-        backbone returns as it is (by identity) where a neck or head reads it, and whether it
-        returns its last stage's output as it is (else it computes its outputs after the last
-        stage, where lean mode, which runs the backbone without autograd, loses the gradient)."""
-        param = next(self.method.parameters(), None)
-        inputs = torch.zeros(1, 3, *size, device=param.device if param is not None else None)
-        seen: Dict[int, List[Any]] = {st.index: [] for st in self.staged.stages}
-        # what each stage hands on: as its module returns it (these hooks run after the staging
-        # hooks) and as the boundary returned it (NCHW; what a staged timm model returns)
-        handles = [self.backbone.get_submodule(st.module).register_forward_hook(
-            lambda _m, _a, out, i=st.index: seen[i].append(out)) for st in self.staged.stages]
-        method, boundary = self.method, self.method.boundary
-
-        def spy(index: int, features: Tensor, state: Dict[str, Any]) -> Tensor:
-            out = boundary(index, features, state)
-            seen[index].append(out)
-            return out
-
-        method.boundary = spy
-        was_training = self.training
-        self.train()
-        try:
-            with torch.no_grad(), self.prompted_session(inputs):
-                x = self.backbone(inputs)
-        finally:
-            self.train(was_training)
-            del method.boundary
-            for h in handles:
-                h.remove()
-        outs = list(x) if isinstance(x, (list, tuple)) else [x]
-        read_at = self._output_positions_read(len(outs))
-
-        def returned(i: int, positions: Any) -> bool:
-            return any(o is t for o in seen[i] for p, t in enumerate(outs) if p in positions)
-
-        reads = tuple(i for i in sorted(seen) if returned(i, read_at))
-        return reads, returned(self.staged.stages[-1].index, range(len(outs)))
-
-    def _output_positions_read(self, n: int) -> set:
-        """Positions among the backbone's ``n`` outputs that a neck or head reads: all with a
-        neck, otherwise the ``in_index`` of the decode and auxiliary heads."""
-        if self.with_neck:
-            return set(range(n))
-        heads = [self.decode_head]
-        if self.with_auxiliary_head:
-            aux = self.auxiliary_head
-            heads += list(aux) if isinstance(aux, nn.ModuleList) else [aux]
-        read: set = set()
-        for h in heads:
-            idx = getattr(h, "in_index", None)
-            if idx is None:
-                return set(range(n))
-            read.update(int(i) % n for i in (idx if isinstance(idx, (list, tuple)) else [idx]))
-        return read
-
     def _backbone_with_prompts(self, inputs: Tensor) -> Tuple[Any, Dict[str, Any]]:
         with self.prompted_session(inputs) as state:
             x = self.backbone(inputs)
