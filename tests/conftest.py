@@ -60,8 +60,9 @@ def family(request):
 
 def make_backbone(name, kwargs, seed=0, live_branches=True):
     """A randomly initialised timm backbone whose every branch acts, as in a pretrained one:
-    timm zero-initialises the last norm of each residual branch (``zero_init_last``), which
-    would leave a method acting inside those branches (LoRA, DoRA, SSF on a ResNet's convs)
+    timm zero-initialises the last norm of each residual branch (``zero_init_last``) and
+    starts layer scales at 1e-6 (ConvNeXt), which would leave a method acting inside those
+    branches (LoRA, DoRA, SSF on a ResNet's convs)
     without any effect on the output, and tests of it passing for the wrong reason.
     ``live_branches=False``: timm's own initialisation (what the checkpoints in tests/data,
     written before 2026-12-07, were made with)."""
@@ -77,6 +78,9 @@ def make_backbone(name, kwargs, seed=0, live_branches=True):
             if (isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm))
                     and isinstance(w, torch.Tensor) and w.numel() and not w.any()):
                 w.fill_(1.0)
+        for n, p in model.named_parameters():  # layer scales initialised near 0 (ConvNeXt: 1e-6)
+            if n.split(".")[-1] == "gamma" and p.numel() and float(p.abs().max()) < 1e-4:
+                p.fill_(1.0)
     return model
 
 

@@ -14,6 +14,8 @@ ort = pytest.importorskip("onnxruntime")
 import promptmatch as pm  # noqa: E402
 from promptmatch.export import ExportError, ExportReport, SegLogitsAtInputSize, export_onnx  # noqa: E402
 
+from conftest import make_backbone  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 64
 K = 5
@@ -27,10 +29,11 @@ BACKBONES = {
 
 
 def build(backbone: str = "resnet", method: str = "spm", decoder: str = "linear", seed: int = 0) -> nn.Module:
-    """A tiny segmentor whose trainable parts are moved off their (identity) initialisation."""
+    """A tiny segmentor whose trainable parts are moved off their (identity) initialisation, on
+    a backbone whose every residual branch acts (conftest.make_backbone)."""
     name, kw = BACKBONES[backbone]
+    model = pm.create_segmentor(make_backbone(name, kw or {}, seed=seed), method, K, decoder)
     torch.manual_seed(seed)
-    model = pm.create_segmentor(name, method, K, decoder, backbone_kwargs=kw or None)
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.05)
