@@ -194,6 +194,26 @@ def test_resume(trained):
     assert pm.read_prompt_metadata(work / "prompts.safetensors")["extra"]["iter"] == 4
 
 
+def test_resume_of_another_models_checkpoint_refused(trained, tmp_path):
+    """Resuming applies a Runner checkpoint without a strict check (mmengine): the recorded
+    identity refuses one of another model before it trains."""
+    name, tmp, cfg, work, log = trained
+    if name != "upernet_r50":
+        pytest.skip("exercised once")
+    import shutil
+
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    last = Path((work / "last_checkpoint").read_text().strip()).name  # resume only trusts its own work dir
+    (copy / "last_checkpoint").write_text(str(copy / last))
+    res = run([python(), "tools/train.py", str(cfg), "--work-dir", str(copy), "--resume",
+               "--cfg-options", "train_cfg.max_iters=4", "model.method_cfg.prompt_gain=1.5"])
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "the checkpoint this run resumed from belongs to another model" in out, out[-3000:]
+    assert "method_config.prompt_gain" in out
+
+
 def test_mismatched_prompts_refused(trained, tmp_path):
     name, tmp, cfg, work, log = trained
     if name != "upernet_r50":

@@ -138,6 +138,16 @@ def test_report_lr_section_inside_the_range(tmp_path):
     assert "Chose the highest" not in report and "Chose the lowest" not in report
 
 
+def test_report_lr_edges_are_judged_per_seed(tmp_path):
+    """A grid that grew between seeds: seed 0 chose the top of its own grid, seed 1 the middle of its own."""
+    recs = [make_record("spm", 0, {"val": 0.5}, lr_trials=trials({1e-4: 0.40, 3e-4: 0.45}), lr_chosen=3e-4),
+            make_record("spm", 1, {"val": 0.5}, lr_trials=trials({1e-4: 0.40, 3e-4: 0.45, 1e-3: 0.41}),
+                        lr_chosen=3e-4)]
+    section = write(tmp_path, recs).split("## Learning rates")[1].split("\n## ")[0]
+    assert "Chose the highest learning rate tried (1 of 1 rows" in section and "(seed 0)." in section
+    assert "Chose the lowest" not in section and "No seed chose" not in section
+
+
 def test_report_without_lr_trials_has_no_lr_section(tmp_path):
     report = write(tmp_path, [make_record("spm", 0, {"val": 0.5}), make_record("linear", 0, {"val": 0.4})])
     assert "## Learning rates" not in report
@@ -174,3 +184,22 @@ def test_report_shift_only_split_is_not_the_clean_split(tmp_path):
     tau = report.split("### Splits against the clean split")[1]
     assert "| dataset | backbone | setting | →cityscapes:val |" in tau
     assert "| ade | vit-t | linear frozen | -1.00 |" in tau
+
+
+# ---------------------------------------------------------------------------- summary (methods side by side)
+
+
+def test_report_summary_puts_methods_side_by_side(tmp_path):
+    recs = [make_record("linear", s, {"val": 0.40 + s / 100}) for s in range(3)]
+    recs += [make_record("lora", s, {"val": 0.60 + s / 100}) for s in range(3)]
+    recs += [make_record("spm", s, {"val": 0.70}) for s in range(2)]  # a third seed has not finished
+    recs += [make_record("lora", 0, {"val": 0.30}, dataset="cityscapes"),
+             make_record("spm", 0, {}, dataset="cityscapes", status="error", reason="boom")]
+    report = write(tmp_path, recs)
+    section = report.split("## Summary: val mIoU, methods side by side")[1].split("\n## ")[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ")]
+    assert rows[0] == "| dataset | backbone | setting | linear | lora | spm |"
+    assert rows[1] == "| ade | vit-t | linear frozen | 41.0 ± 1.0 | 61.0 ± 1.0 | **70.0 ± 0.0** (n=2) |"
+    assert rows[2] == "| cityscapes | vit-t | linear frozen | – | **30.0** | error |"
+    # the summary comes before the per-dataset tables
+    assert report.index("## Summary: val mIoU") < report.index("## ade")

@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .lr_report import lr_section
+from .pivot import summary_section
 from .plots import plot_report
 from .spec import defaults_version
 from .store import ResultStore, latest_records
@@ -302,77 +304,6 @@ def _diverged_section(records: List[Dict[str, Any]]) -> List[str]:
     return out + [""]
 
 
-def _lr(v: Any) -> str:
-    """A learning rate in short scientific notation: ``1e-04``, ``3.5e-04``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return str(v)
-    mant, exp = f"{v:.3e}".split("e")
-    return f"{mant.rstrip('0').rstrip('.')}e{exp}"
-
-
-def _seeds_text(seeds: Sequence[int]) -> str:
-    """``seed 2`` or ``seeds 0,1``."""
-    return ("seeds " if len(seeds) > 1 else "seed ") + ",".join(str(s) for s in seeds)
-
-
-def _lr_section(records: List[Dict[str, Any]]) -> List[str]:
-    """Markdown: the learning rates chosen on the held-out part of the training split, per
-    (dataset, backbone, setting, method), from the ``ok`` records (latest per cell) with
-    ``lr_trials``; empty if there are none."""
-    groups: Dict[Tuple[str, str, str, str], List[Dict[str, Any]]] = {}
-    for r in latest_records(records):
-        if r.get("status") == "ok" and r.get("lr_trials"):
-            groups.setdefault(_group_key(r), []).append(r)
-    if not groups:
-        return []
-    fractions = sorted({float(r["holdout_fraction"]) for rs in groups.values() for r in rs
-                        if isinstance(r.get("holdout_fraction"), (int, float))})
-    frac = f" ({', '.join(f'{100 * f:g}%' for f in fractions)} of it)" if fractions else ""
-    out = ["## Learning rates (chosen on a held-out part of the training split)", "",
-           f"Each seed trained once per tried learning rate on the training split less a held-out part{frac} and "
-           "kept the lr with the best held-out mIoU; the evaluation splits took no part in the choice. Held-out "
-           "mIoU in points, mean over the seeds that finished that lr; spread = best minus worst of those finite "
-           "means, in points (small: the method is insensitive to the lr in this range).", "",
-           "| dataset | backbone | setting | method | chosen lr (per seed) | held-out mIoU per tried lr | spread |",
-           "|---|---|---|---|---|---|---|"]
-    edges: Dict[str, List[str]] = {"highest": [], "lowest": []}
-    for key, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["seed"])
-        chosen: Dict[float, List[int]] = {}
-        for r in rs:
-            if isinstance(r.get("lr_chosen"), (int, float)):
-                chosen.setdefault(float(r["lr_chosen"]), []).append(r["seed"])
-        chosen_text = ", ".join(f"{_lr(lr)} ({_seeds_text(sd)})" for lr, sd in sorted(chosen.items())) or "–"
-        trials: Dict[float, List[Mapping[str, Any]]] = {}
-        for r in rs:
-            for t in r["lr_trials"]:
-                trials.setdefault(float(t["lr"]), []).append(t)
-        cells, means = [], []
-        for lr, ts in sorted(trials.items()):
-            vals = [float(t["holdout_miou"]) for t in ts if t.get("status", "ok") == "ok"
-                    and isinstance(t.get("holdout_miou"), (int, float)) and math.isfinite(t["holdout_miou"])]
-            fails = [(what, sum(1 for t in ts if t.get("status") == what)) for what in ("diverged", "error")]
-            fails = [(what, c) for what, c in fails if c]
-            if vals:
-                means.append(statistics.fmean(vals))
-                text = f"{100 * means[-1]:.1f}" + "".join(f" ({what} in {c} of {len(ts)} seeds)" for what, c in fails)
-            elif fails:
-                text = ", ".join(what if c == len(ts) else f"{what} in {c} of {len(ts)} seeds" for what, c in fails)
-            else:
-                text = "–"
-            cells.append(f"{_lr(lr)}: {text}")
-        spread = f"{100 * (max(means) - min(means)):.1f}" if len(means) > 1 else "–"
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {chosen_text} | {'; '.join(cells)} | {spread} |")
-        if len(trials) > 1:
-            for edge, lr in (("highest", max(trials)), ("lowest", min(trials))):
-                if lr in chosen:
-                    edges[edge].append(f"{key[3]} on {key[0]}, {key[1]}, {key[2]} ({_seeds_text(chosen[lr])})")
-    out += [""] + [f"Chose the {edge} learning rate tried ({len(rows)} of {len(groups)} rows; their best lr may lie "
-                   "outside the range tried): " + "; ".join(rows) + "." for edge, rows in edges.items() if rows]
-    return out + ([] if edges["highest"] or edges["lowest"] else
-                  ["No seed chose the highest or the lowest learning rate tried."]) + [""]
-
-
 def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
     """Write ``<out>/report.md`` (and PNG plots) from ``<out>/results.jsonl`` alone."""
     out = Path(out)
@@ -395,7 +326,7 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
         lines.append(f"Device: {ok_recs[-1].get('device')}; software: " +
                      ", ".join(f"{k} {val}" for k, val in v.items()))
         lines.append("Memory: " + ok_recs[-1].get("peak_mem_kind", "") + " (MB), one process per cell.")
-    lines.append("")
+    lines += [""] + summary_section(rows)
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"## {dataset}", ""]
         drows = [r for r in rows if r["dataset"] == dataset]
@@ -422,7 +353,7 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
         lines.append("")
 
     lines += _diverged_section(records)
-    lines += _lr_section(records)
+    lines += lr_section(records, _group_key)
     lines += _relative_section(rows)
     ranks = _rankings(rows)
     if ranks:

@@ -21,7 +21,8 @@ _ACTING = threading.local()
 
 
 def _acting_methods() -> Dict[object, List[Any]]:
-    """The methods whose pass runs in this thread: their gate token -> [method, nesting depth]."""
+    """The methods whose pass runs in this thread: their gate token -> the instances acting
+    under it, innermost last (one per nesting level)."""
     acting = getattr(_ACTING, "methods", None)
     if acting is None:
         acting = _ACTING.methods = {}
@@ -29,34 +30,34 @@ def _acting_methods() -> Dict[object, List[Any]]:
 
 
 class _GateToken:
-    """Identifies one method for its hooks. A deep copy of the method gets its own (so a copied
-    model's hooks act in the copy's passes); DataParallel's replicas share the original's (their
-    hooks are the original's), and each replica's pass runs in its own thread."""
+    """Identifies one method for its hooks; a deep copy of the method gets its own, so a copied
+    model's hooks act in the copy's passes."""
 
     __slots__ = ()
 
 
 class GatedHook:
     """A backbone hook that acts only within :meth:`TuningMethod.acting` of its method, and then
-    calls the method's hook function ``name`` (with ``args`` first) on the method instance
-    acting in this thread: a deep copy of the model, or a DataParallel replica, runs its own
-    parameters, never the original's. A hook returning None leaves the module as it is."""
+    calls the method's hook function ``func`` (a plain function taking the method first, then
+    ``args``, then the hook's arguments) on the method instance acting in this thread: a deep
+    copy of the model runs its own parameters, never the original's. A hook returning None
+    leaves the module as it is."""
 
-    __slots__ = ("token", "name", "args")
+    __slots__ = ("token", "func", "args")
 
-    def __init__(self, token: _GateToken, name: str, args: Tuple[Any, ...] = ()) -> None:
-        self.token, self.name, self.args = token, name, tuple(args)
+    def __init__(self, token: _GateToken, func: Callable[..., Any], args: Tuple[Any, ...] = ()) -> None:
+        self.token, self.func, self.args = token, func, tuple(args)
 
     def __call__(self, *hook_args: Any, **hook_kwargs: Any) -> Any:
-        entry = _acting_methods().get(self.token)
-        if entry is None:
+        stack = _acting_methods().get(self.token)
+        if not stack:
             return None
-        return getattr(entry[0], self.name)(*self.args, *hook_args, **hook_kwargs)
+        return self.func(stack[-1], *self.args, *hook_args, **hook_kwargs)
 
 
 class _GatedCallable:
     """An arbitrary hook callable gated to its method's passes (it keeps whatever it captured:
-    a deep copy or replica of the model runs the same callable)."""
+    a deep copy of the model runs the same callable, with the original's parameters)."""
 
     __slots__ = ("token", "hook")
 
@@ -64,7 +65,7 @@ class _GatedCallable:
         self.token, self.hook = token, hook
 
     def __call__(self, *hook_args: Any, **hook_kwargs: Any) -> Any:
-        if self.token not in _acting_methods():
+        if not _acting_methods().get(self.token):
             return None
         return self.hook(*hook_args, **hook_kwargs)
 
@@ -190,15 +191,13 @@ class TuningMethod(nn.Module):
         """Within the block, hooks this method made with :meth:`hook_backbone` (or :meth:`gated`)
         act (in this thread); the segmentor runs each of its passes inside it."""
         acting, token = _acting_methods(), self._gate_token
-        entry = acting.get(token)
-        if entry is None:
-            entry = acting[token] = [self, 0]
-        entry[1] += 1
+        stack = acting.setdefault(token, [])
+        stack.append(self)
         try:
             yield
         finally:
-            entry[1] -= 1
-            if not entry[1]:
+            stack.pop()
+            if not stack:
                 del acting[token]
 
     def gated(self, hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -207,14 +206,14 @@ class TuningMethod(nn.Module):
         backbone (a :class:`~promptmatch.PromptBank`) sees the module unchanged.
 
         A bound method of this method, or a ``functools.partial`` of one with positional
-        arguments, is called on the instance acting in the thread (so ``copy.deepcopy`` of the
-        model and DataParallel replicas run their own parameters); any other callable is
-        called as it is, with what it captured."""
+        arguments, is called on the instance acting in the thread, so ``copy.deepcopy`` of the
+        model runs the copy's own parameters; any other callable (a closure) is called as it
+        is, with what it captured: a copy would run the original's parameters."""
         func, args = hook, ()
         if isinstance(func, functools.partial) and not func.keywords:
             func, args = func.func, func.args
-        if getattr(func, "__self__", None) is self and hasattr(func, "__name__"):
-            return GatedHook(self._gate_token, func.__name__, args)
+        if getattr(func, "__self__", None) is self and hasattr(func, "__func__"):
+            return GatedHook(self._gate_token, func.__func__, args)
         return _GatedCallable(self._gate_token, hook)
 
     def hook_backbone(self, module: nn.Module, hook: Callable[..., Any], *, pre: bool = False,
@@ -222,7 +221,7 @@ class TuningMethod(nn.Module):
         """Register ``hook`` on a backbone ``module`` (a forward hook; a forward-pre hook with
         ``pre``; ``kwargs`` go to the registration, e.g. ``prepend``), :meth:`gated` to this
         method's own passes; :meth:`remove_hooks` removes it again. Pass a bound method of
-        this method (or a ``functools.partial`` of one) so that copies of the model run
+        this method (or a ``functools.partial`` of one) so that deep copies of the model run
         their own parameters."""
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._hook_handles.append(register(self.gated(hook), **kwargs))

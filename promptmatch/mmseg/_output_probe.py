@@ -16,10 +16,12 @@ _logger = logging.getLogger(__name__)
 
 
 def probe_outputs(model: nn.Module) -> Tuple[Tuple[int, ...], bool]:
-    """:func:`_probe_outputs_at` at the first input size the backbone takes among those its
-    staging probe tries (a backbone with a fixed input size gets that size)."""
+    """:func:`_probe_outputs_at` at the configured probe size, else at the first other size
+    the staging probe tries that the backbone takes (a fixed input size is the only one)."""
     st = model.staged
     sizes = probe_sizes(st.stages, st.probe_size, st.fixed_img_size, st.patch_size)
+    if st.probe_size in sizes:  # the size the model was built with first
+        sizes = [st.probe_size] + [s for s in sizes if s != st.probe_size]
     for n, size in enumerate(sizes):
         try:
             return _probe_outputs_at(model, size)

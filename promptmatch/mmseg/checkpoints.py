@@ -7,11 +7,14 @@ any of that code: tensors are rebuilt by torch's own allow-list of safe globals,
 object becomes an inert placeholder, and only ``state_dict`` is kept.
 
 A prompted model publishes its identity (the record a prompt checkpoint stores: backbone
-fingerprint, method and its config, heads, classes) in mmengine's message hub at its first
-training step, so every Runner checkpoint of the run carries it (in the message hub's runtime
-information, which the Runner saves) and a model built with other settings is refused even
-where the tensors happen to fit (e.g. SPM with another ``prompt_gain``). Checkpoints written
-before 2026-12-07 carry none and are checked by their tensors alone.
+fingerprint, method and its config, heads, classes) in mmengine's message hub, so every Runner
+checkpoint of the run carries it (in the message hub's runtime information, which the Runner
+saves) and a model built with other settings is refused even where the tensors happen to fit
+(e.g. SPM with another ``prompt_gain``). ``PromptCheckpointHook`` publishes it before training
+into its Runner's hub, and refuses to resume from a checkpoint of another model; without the
+hook (mmseg's own ``train.py`` on the one-line config) the model publishes it at its first
+training step into the current hub (the newest Runner's). Checkpoints written before
+2026-12-07 carry none and are checked by their tensors alone.
 """
 from __future__ import annotations
 
@@ -106,13 +109,27 @@ def read_runner_identity(path: PathLike) -> Optional[Dict[str, Any]]:
     return _read_runner_checkpoint(path)[1]
 
 
-def publish_identity(model: nn.Module) -> bool:
-    """Put ``model.describe()`` into mmengine's current message hub, which every Runner
-    checkpoint saves, so :func:`load_prompts_or_runner_checkpoint` can refuse a model built
-    with other settings. True once published."""
+def publish_identity(model: nn.Module, hub: Any = None, check: bool = False) -> bool:
+    """Put ``model.describe()`` into mmengine's message hub ``hub`` (default: the current one),
+    which every Runner checkpoint saves, so :func:`load_prompts_or_runner_checkpoint` can
+    refuse a model built with other settings. With ``check`` (the hub is the training
+    Runner's, after it resumed), an identity already there that differs from the model's
+    (a resumed checkpoint of another model) raises :class:`PromptMismatchError`. True once
+    published."""
     from mmengine.logging import MessageHub
 
-    MessageHub.get_current_instance().update_info(IDENTITY_KEY, json.dumps(model.describe()), resumed=True)
+    hub = hub if hub is not None else MessageHub.get_current_instance()
+    mine = model.describe()
+    old = hub.get_info(IDENTITY_KEY) if check else None
+    if isinstance(old, str):
+        try:
+            diffs = identity_differences(mine, json.loads(old))
+        except ValueError:
+            diffs = []
+        if diffs:
+            raise PromptMismatchError("the checkpoint this run resumed from belongs to another model:\n  - "
+                                      + "\n  - ".join(diffs))
+    hub.update_info(IDENTITY_KEY, json.dumps(mine), resumed=True)
     return True
 
 

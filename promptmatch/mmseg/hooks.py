@@ -52,6 +52,10 @@ class PromptCheckpointHook(Hook):
                 classes = None
             if classes is not None and len(classes) == model.num_classes:
                 model.class_names = list(classes)
+        if isinstance(model, PromptCheckpointable) and hasattr(model, "_identity_published"):
+            from .checkpoints import publish_identity  # into this Runner's checkpoints; refuse a foreign resume
+
+            model._identity_published = publish_identity(model, runner.message_hub, check=True)
         self.out_dir = self.out_dir or runner.work_dir
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
