@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Type
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ __all__ = [
     "backbone_architecture",
     "describe_model",
     "identity_differences",
+    "check_identity",
     "trainable_state_dict",
     "read_state_dict",
     "atomic_write_bytes",
@@ -253,6 +254,15 @@ def identity_differences(want: Mapping[str, Any], got: Mapping[str, Any]) -> Lis
     return diffs
 
 
+def check_identity(want: Mapping[str, Any], got: Mapping[str, Any], what: str,
+                   error: Type[Exception] = PromptMismatchError) -> None:
+    """Raise ``error`` (``what``, then one line per field, see :func:`identity_differences`)
+    if the stored identity ``got`` differs from a model's ``want``."""
+    diffs = identity_differences(want, got)
+    if diffs:
+        raise error(f"{what}:\n  - " + "\n  - ".join(diffs))
+
+
 def load_prompts(model: nn.Module, path: PathLike) -> Dict[str, Any]:
     """Load a prompt checkpoint onto ``model``, refusing one that belongs to another model.
 
@@ -262,11 +272,7 @@ def load_prompts(model: nn.Module, path: PathLike) -> Dict[str, Any]:
     is left untouched. Returns the checkpoint's metadata.
     """
     meta = read_prompt_metadata(path)
-    diffs = identity_differences(model.describe(), meta)
-    if diffs:
-        raise PromptMismatchError(
-            f"prompt checkpoint {str(path)!r} does not match this model:\n  - " + "\n  - ".join(diffs)
-        )
+    check_identity(model.describe(), meta, f"prompt checkpoint {str(path)!r} does not match this model")
     tensors = read_prompt_tensors(path, meta)
     own = model.trainable_state_dict()
     missing = sorted(set(own) - set(tensors))

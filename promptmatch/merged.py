@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
-from .checkpoint import (PromptChecksumError, PromptMismatchError, backbone_architecture, identity_differences,
+from .checkpoint import (PromptChecksumError, PromptMismatchError, backbone_architecture, check_identity,
                          recorded_normalisation)
 from .records import (
     PROMPT_METADATA_KEY,
@@ -415,11 +415,8 @@ def load_segmentor(path: PathLike, device: Union[str, torch.device] = "cpu") -> 
     seg.load_state_dict(tensors, strict=True)
     identity = meta.get("identity")
     if identity is not None:
-        idiffs = identity_differences(seg.describe(), identity)
-        if idiffs:
-            raise MergedSegmentorError(
-                f"merged segmentor {str(path)!r}: the loaded model's identity differs from its record; nothing "
-                "was returned:\n  - " + "\n  - ".join(idiffs))
+        check_identity(seg.describe(), identity, f"merged segmentor {str(path)!r}: the loaded model's identity "
+                       "differs from its record; nothing was returned", error=MergedSegmentorError)
     seg.input_normalisation = recorded_normalisation(identity or {})
     seg = seg.to(device).eval()
     _logger.info("loaded merged segmentor %s (%s, %s) in %.2fs", path, meta["backbone"]["timm_name"],

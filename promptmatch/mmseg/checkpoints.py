@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..checkpoint import PromptMismatchError, identity_differences, load_prompts, save_prompts
+from ..checkpoint import PromptMismatchError, check_identity, load_prompts, save_prompts
 from ..core import trainable_state_dict
 
 __all__ = ["read_runner_state_dict", "read_runner_identity", "load_prompts_or_runner_checkpoint", "extract_prompts",
@@ -121,14 +121,12 @@ def publish_identity(model: nn.Module, hub: Any = None, check: bool = False) -> 
     hub = hub if hub is not None else MessageHub.get_current_instance()
     mine = model.describe()
     old = hub.get_info(IDENTITY_KEY) if check else None
-    if isinstance(old, str):
-        try:
-            diffs = identity_differences(mine, json.loads(old))
-        except ValueError:
-            diffs = []
-        if diffs:
-            raise PromptMismatchError("the checkpoint this run resumed from belongs to another model:\n  - "
-                                      + "\n  - ".join(diffs))
+    try:
+        previous = json.loads(old) if isinstance(old, str) else None
+    except ValueError:
+        previous = None
+    if previous is not None:
+        check_identity(mine, previous, "the checkpoint this run resumed from belongs to another model")
     hub.update_info(IDENTITY_KEY, json.dumps(mine), resumed=True)
     return True
 
@@ -136,10 +134,7 @@ def publish_identity(model: nn.Module, hub: Any = None, check: bool = False) -> 
 def _load_runner_checkpoint(model: nn.Module, path: PathLike) -> Dict[str, Any]:
     state, identity = _read_runner_checkpoint(path)
     if identity is not None and hasattr(model, "describe"):
-        diffs = identity_differences(model.describe(), identity)
-        if diffs:
-            raise PromptMismatchError(f"Runner checkpoint {str(path)!r} does not match this model:\n  - "
-                                      + "\n  - ".join(diffs))
+        check_identity(model.describe(), identity, f"Runner checkpoint {str(path)!r} does not match this model")
     own = model.state_dict()
     trainable = set(trainable_state_dict(model))
     frozen = [k for k in own if k not in trainable]

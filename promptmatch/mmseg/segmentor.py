@@ -28,7 +28,6 @@ from ..registry import MODELS
 from ..staging import group_blocks
 from ._output_probe import probe_outputs
 
-
 __all__ = ["PromptEncoderDecoder", "default_stage_modules", "SUPPORTED_BACKBONES"]
 
 SUPPORTED_BACKBONES = (
