@@ -172,8 +172,18 @@ class PromptedCore:
         method = self.method
         return lambda i, f: method.boundary(i, f, state)
 
+    def _refuse_replica(self) -> None:
+        if getattr(self, "_is_replica", False):  # set by torch's replicate(), i.e. nn.DataParallel
+            raise RuntimeError(
+                f"{type(self).__name__} cannot run under torch.nn.DataParallel: its replicas would "
+                "share the original's staged backbone (its hooks, run state and devices). Use "
+                "torch.nn.parallel.DistributedDataParallel, one process per GPU (mmseg: "
+                "model_wrapper_cfg=dict(type='promptmatch.PromptDistributedDataParallel')), or a "
+                "single device.")
+
     def prompted_features(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], Dict[str, Any]]:
         """Boundary features after the method acted on them, and the method's per-pass state."""
+        self._refuse_replica()
         state = self.method.init_state()
         with self.method.acting():
             feats = self.staged.forward(images, on_boundary=self._boundary_fn(state),
@@ -185,6 +195,7 @@ class PromptedCore:
     def prompted_session(self, images: torch.Tensor) -> Iterator[Dict[str, Any]]:
         """Within the block, calling the backbone runs it with the method between its stages;
         yields the method's per-pass state (interim maps)."""
+        self._refuse_replica()
         state = self.method.init_state()
         with self.method.acting(), self.staged.session(
                 images, on_boundary=self._boundary_fn(state),

@@ -97,3 +97,18 @@ def test_linear_decoder_classifier_init_std():
     assert default.bias.detach().any() and float(default.weight.detach().abs().max()) > 0.05
     with pytest.raises(ValueError, match="init_std must be None or a positive number"):
         pm.LinearDecoderConfig(init_std=-1.0)
+
+
+def test_data_parallel_replica_is_refused_with_the_alternative():
+    """``nn.DataParallel`` runs replicas made by ``Module._replicate_for_data_parallel`` (what
+    ``torch.nn.parallel.replicate`` calls per device): they would share the original's staged
+    backbone, so a replica's pass is refused; the original keeps working."""
+    model = pm.create_segmentor(make_backbone("test_vit", {}), "spm", 4, "linear").eval()
+    x = torch.randn(1, 3, 64, 64)
+    replica = model._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="DataParallel.*DistributedDataParallel"):
+        replica(x)
+    with pytest.raises(RuntimeError, match="DataParallel"), replica.prompted_session(x):
+        pass
+    with torch.no_grad():
+        assert model(x).shape == (1, 4, 64, 64)
