@@ -5,6 +5,7 @@ ViT, and through one benchmark cell. docs/methods.md's "Adding a method" lists e
 this file needed."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Sequence
@@ -18,8 +19,8 @@ from promptmatch import benchmark as bm
 from promptmatch.methods import unregister_method
 
 from conftest import make_batch
-from method_contract import (CONTRACT_BACKBONES, applies, build, check_gradients, check_method_contract, check_refused,
-                             check_starts_as_backbone)
+from method_contract import (CONTRACT_BACKBONES, applies, build, check_deep_copy, check_gradients, check_method_contract,
+                             check_refused, check_starts_as_backbone)
 
 
 # ------------------------------------------------------------------- the toy method (user code)
@@ -85,11 +86,26 @@ class ToyUnflagged(ToyAffine):
         next(backbone.parameters()).requires_grad_(True)
 
 
+class ToyClosureHook(ToyAffine):
+    """A toy hooking a backbone convolution with a closure over itself (the form
+    ``TuningMethod.gated`` warns about on a deep copy)."""
+
+    name = "toy_closure_hook"
+
+    def __init__(self, stages: Sequence[pm.Stage], num_classes: int, config: ToyAffineConfig) -> None:
+        super().__init__(stages, num_classes, config)
+        self.gain = nn.Parameter(torch.zeros(()))
+
+    def attach(self, backbone: nn.Module) -> None:
+        conv = next(m for m in backbone.modules() if isinstance(m, nn.Conv2d))
+        self.hook_backbone(conv, lambda module, args, out: out * (1 + self.gain))
+
+
 @pytest.fixture
 def toys():
     """The toys registered through the public registry for one test, then taken out again
     (so no other test's view of list_methods() holds them)."""
-    classes = (ToyAffine, ToyTokenScale, ToyShifted, ToyUnflagged)
+    classes = (ToyAffine, ToyTokenScale, ToyShifted, ToyUnflagged, ToyClosureHook)
     try:
         yield tuple(pm.register_method(cls) for cls in classes)
     finally:
@@ -132,6 +148,18 @@ def test_the_contract_catches_broken_methods(toys):
     images, labels = make_batch(cnn.side, n=2)
     with pytest.raises(AssertionError, match="does not set trains_inside_backbone|without a gradient"):
         check_gradients(build("toy_unflagged", cnn), images, labels)
+
+
+def test_a_closure_hook_is_named_when_the_model_is_copied(toys):
+    """A method's hook given as a closure keeps the original's parameters in a deep copy: the
+    copy warns, naming the hook, and the contract's deep-copy check fails on it."""
+    cnn = CONTRACT_BACKBONES[1]
+    images, _ = make_batch(cnn.side, n=2)
+    model = build("toy_closure_hook", cnn)
+    with pytest.warns(UserWarning, match=r"ToyClosureHook\.attach\.<locals>\.<lambda> is a closure"):
+        copy.deepcopy(model)
+    with pytest.raises(UserWarning, match="is a closure"):
+        check_deep_copy(model, images)
 
 
 def test_toy_runs_as_a_benchmark_cell(toys, tmp_path):

@@ -1,8 +1,10 @@
 """The seam every tuning method plugs into."""
 from __future__ import annotations
 
+import copy
 import functools
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -68,6 +70,17 @@ class _GatedCallable:
         if not _acting_methods().get(self.token):
             return None
         return self.hook(*hook_args, **hook_kwargs)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_GatedCallable":
+        hook = copy.deepcopy(self.hook, memo)  # a function is kept as it is, with what it captured
+        if hook is self.hook and getattr(hook, "__closure__", None):
+            name = getattr(hook, "__qualname__", repr(hook))
+            warnings.warn(
+                f"copy.deepcopy of a prompted model: its method's backbone hook {name} is a closure, "
+                "so the copy's passes run what it captured (the original method's parameters). "
+                "Register the hook as a bound method of the method, or a functools.partial of "
+                "one, to have a copy run its own.", UserWarning, stacklevel=2)
+        return _GatedCallable(copy.deepcopy(self.token, memo), hook)
 
 
 class MethodNotApplicableError(ValueError):
