@@ -52,9 +52,10 @@ class PromptCheckpointHook(Hook):
                 classes = None
             if classes is not None and len(classes) == model.num_classes:
                 model.class_names = list(classes)
-        if isinstance(model, PromptCheckpointable) and hasattr(model, "_identity_published"):
-            from .checkpoints import publish_identity  # into this Runner's checkpoints; refuse a foreign resume
+        from .checkpoints import publish_identity
+        from .segmentor import PromptEncoderDecoder
 
+        if isinstance(model, PromptEncoderDecoder):  # into this Runner's checkpoints; refuse a foreign resume
             model._identity_published = publish_identity(model, runner.message_hub, check=True)
         self.out_dir = self.out_dir or runner.work_dir
 
