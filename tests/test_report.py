@@ -203,3 +203,19 @@ def test_report_summary_puts_methods_side_by_side(tmp_path):
     assert rows[2] == "| cityscapes | vit-t | linear frozen | – | **30.0** | error |"
     # the summary comes before the per-dataset tables
     assert report.index("## Summary: val mIoU") < report.index("## ade")
+
+
+def test_report_summary_orders_methods_as_the_profile_lists_them(tmp_path):
+    """Columns follow the backbone entries' ``methods`` (baselines first, as a profile lists
+    them; a second backbone's extra methods after), then unlisted methods alphabetically;
+    methods listed but never run get no column."""
+    cnn = dict(BACKBONE, methods=["linear", "spm", "lora", "never_run"])
+    vit = dict(BACKBONE, label="vit-s", methods=["linear", "lora", "spm", "mona"])
+    recs = [make_record(m, 0, {"val": 0.5}, backbone=cnn) for m in ("lora", "spm", "linear")]
+    recs += [make_record(m, 0, {"val": 0.5}, backbone=vit, key=f"ade|vit-s|{SETTING}|{m}|0")
+             for m in ("mona", "linear", "lora", "spm")]
+    recs += [make_record("bitfit", 0, {"val": 0.5}, backbone=dict(BACKBONE))]
+    report = write(tmp_path, recs)
+    header = next(ln for ln in report.splitlines() if ln.startswith("| dataset | backbone | setting | "))
+    assert header == "| dataset | backbone | setting | linear | spm | lora | mona | bitfit |"
+    assert "| ade | vit-s | linear frozen | **50.0** | **50.0** | **50.0** | **50.0** | – |" in report  # a tie: all bold

@@ -304,6 +304,19 @@ def _diverged_section(records: List[Dict[str, Any]]) -> List[str]:
     return out + [""]
 
 
+def _method_order(records: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The methods of ``records`` in the order their profile lists them (each backbone entry's
+    ``methods``, in record order), then any other method alphabetically."""
+    seen = {r["method"] for r in records if "method" in r}
+    order: List[str] = []
+    for r in records:
+        backbone = r.get("backbone")
+        for m in (backbone.get("methods") or ()) if isinstance(backbone, Mapping) else ():
+            if m in seen and m not in order:
+                order.append(m)
+    return order + sorted(seen - set(order))
+
+
 def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
     """Write ``<out>/report.md`` (and PNG plots) from ``<out>/results.jsonl`` alone."""
     out = Path(out)
@@ -326,7 +339,7 @@ def write_report(out: Union[str, os.PathLike], plots: bool = True) -> Path:
         lines.append(f"Device: {ok_recs[-1].get('device')}; software: " +
                      ", ".join(f"{k} {val}" for k, val in v.items()))
         lines.append("Memory: " + ok_recs[-1].get("peak_mem_kind", "") + " (MB), one process per cell.")
-    lines += [""] + summary_section(rows)
+    lines += [""] + summary_section(rows, methods=_method_order(latest))
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"## {dataset}", ""]
         drows = [r for r in rows if r["dataset"] == dataset]
