@@ -99,9 +99,9 @@ def in_process(monkeypatch):
     """The command line's cells run in this process (a child process per cell would import
     torch, timm and mmseg again each time: too slow for a 2-core test run). The record is the
     one a failed child gives, with the traceback, if a cell raises."""
-    def run(cell, timeout_s=None, work_dir=None):
+    def run(cell, timeout_s=None, work_dir=None, prior=None):
         try:
-            return bm.run_cell(cell, work_dir=work_dir)
+            return bm.run_cell(cell, work_dir=work_dir, prior=prior)
         except Exception:
             return bm.error_record(cell, traceback.format_exc()[-4000:], 0.0)
 
@@ -522,6 +522,85 @@ def test_diverged_trials_are_scored_worst(folder, monkeypatch):
     assert [t["status"] for t in rec["lr_trials"]] == ["diverged", "ok", "ok"]
     assert rec["lr_trials"][0]["holdout_miou"] is None and "loss is nan" in rec["lr_trials"][0]["reason"]
     assert rec["lr_chosen"] == 1e-3 == rec["lr_used"]
+
+
+def test_lr_extend_goes_past_the_end_while_the_best_is_there():
+    """``lr_extend``: one step of the list's ratio at an end while the best held-out mIoU is at
+    that end, at most ``lr_extend`` steps each way; a diverged step ends it."""
+    from promptmatch.benchmark.cell import _sweep_rule
+
+    def rule(grid, extend, score):
+        def result(lr):
+            m = score(lr)
+            return {"lr": lr, "holdout_miou": m, "status": "ok"} if m is not None else \
+                {"lr": lr, "holdout_miou": None, "status": "diverged"}
+        best, trials = _sweep_rule(grid, extend, result)
+        return best, [t["lr"] for t in trials]
+
+    grid = [1e-3, 4e-3, 1.6e-2]
+
+    def peak(at):
+        return lambda lr: -abs(math.log(lr / at))
+
+    assert rule(grid, 0, peak(1e-4)) == (1e-3, grid)  # no extension: the end of the list
+    assert rule(grid, 2, peak(4e-3)) == (4e-3, grid)  # inside the list: nothing more
+    assert rule(grid, 2, peak(2.5e-4)) == (2.5e-4, grid + [2.5e-4, 6.25e-5])  # past it, then worse: stop
+    assert rule(grid, 1, peak(1e-5)) == (2.5e-4, grid + [2.5e-4])  # at most lr_extend steps
+    assert rule(grid, 2, peak(1e-5)) == (6.25e-5, grid + [2.5e-4, 6.25e-5])
+    assert rule(grid, 2, peak(1.0)) == (2.56e-1, grid + [6.4e-2, 2.56e-1])  # upwards, by the top's ratio
+    assert rule(grid, 2, lambda lr: None if lr > 2e-2 else lr) == (1.6e-2, grid + [6.4e-2])  # diverged: worst
+
+
+def test_raising_lr_extend_reruns_only_sweeps_with_the_best_at_an_end(folder, tmp_path, monkeypatch):
+    """Cells finished with ``lr_extend: 0`` and the spec raised to 1: a cell whose best lr was
+    at an end runs again with its trials reused, trying only the new lrs; where the choice
+    stays, its final results are kept (``final_reused``), else it trains again; the cell key
+    is the same; a third run has nothing to do."""
+    peaks = {"linear": 2.5e-4, "full": 8e-4}  # linear improves past the end, full does not
+    trials, finals = [], []
+    real_final = cell_mod.MemoryEngine.final
+
+    def trial(self, lr):
+        trials.append((self.cell.method, lr))
+        return 1.0 - abs(math.log(lr / peaks[self.cell.method])) / 10
+
+    def final(self, lr):
+        finals.append((self.cell.method, lr))
+        return real_final(self, lr)
+
+    monkeypatch.setattr(cell_mod.MemoryEngine, "trial", trial)
+    monkeypatch.setattr(cell_mod.MemoryEngine, "final", final)
+    entry, grid = {"name": "mine", "folder": str(folder)}, [1e-3, 4e-3, 1.6e-2]
+
+    def run(extend):
+        spec = bm.validate_spec(make_spec([entry], methods=["linear", "full"], engine="memory",
+                                          lr={"default": grid}, lr_extend=extend))
+        trials.clear(), finals.clear()
+        bm.run_benchmark(spec, tmp_path / "out", progress=False, report=False, isolate=False)
+        return {r["method"]: r for r in bm.ResultStore(tmp_path / "out" / "results.jsonl").latest()}
+
+    before = run(0)
+    assert {m: r["lr_chosen"] for m, r in before.items()} == {"linear": 1e-3, "full": 1e-3}
+    after = run(1)
+    assert sorted(trials) == [("full", 2.5e-4), ("linear", 2.5e-4)] and finals == [("linear", 2.5e-4)]
+    assert {m: r["key"] for m, r in after.items()} == {m: r["key"] for m, r in before.items()}
+    for m, r in after.items():
+        _ok(r)
+        assert [t["lr"] for t in r["lr_trials"]] == grid + [2.5e-4]
+        assert r["lr_trials"][:3] == before[m]["lr_trials"]
+    assert after["linear"]["lr_chosen"] == after["linear"]["lr_used"] == 2.5e-4 and "final_reused" not in after["linear"]
+    assert after["full"]["lr_chosen"] == 1e-3 and after["full"]["final_reused"] == before["full"]["finished_at"]
+    assert after["full"]["miou"] == before["full"]["miou"] and after["full"]["lr_used"] == 1e-3
+    run(1)
+    assert trials == [] and finals == []
+
+
+def test_lr_extend_needs_a_sweep(folder):
+    entry = {"name": "mine", "folder": str(folder)}
+    with pytest.raises(bm.SpecError, match="'lr_extend' extends an lr sweep"):
+        bm.validate_spec(make_spec([entry], lr=1e-3, lr_extend=1))
+    with pytest.raises(bm.SpecError, match="'lr_extend' must be an integer >= 0"):
+        bm.validate_spec(make_spec([entry], lr={"default": [1e-3, 1e-2]}, lr_extend=-1))
 
 
 def test_every_trial_diverged_gives_a_diverged_cell(folder, tmp_path, monkeypatch):

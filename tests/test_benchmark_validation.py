@@ -74,9 +74,9 @@ def no_training(monkeypatch):
 @pytest.fixture
 def in_process(monkeypatch):
     """The command line's cells run in this process (a failing one gives a child's error record)."""
-    def run(cell, timeout_s=None, work_dir=None):
+    def run(cell, timeout_s=None, work_dir=None, prior=None):
         try:
-            return bm.run_cell(cell, work_dir=work_dir)
+            return bm.run_cell(cell, work_dir=work_dir, prior=prior)
         except Exception:
             return bm.error_record(cell, traceback.format_exc()[-4000:], 0.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -18,7 +19,7 @@ from .common import (eval_precision, eval_sets, latency_ms, peak_memory_fields, 
                      weights_for)
 from .spec import Cell, method_lrs, settings_label
 
-__all__ = ["RECORD_VERSION", "run_cell", "run_cell_in_child", "error_record", "record_head", "sweep_lr",
+__all__ = ["RECORD_VERSION", "run_cell", "run_cell_in_child", "error_record", "record_head", "sweep_lr", "sweep_pending",
            "eval_sets", "MemoryEngine"]
 
 _logger = logging.getLogger(__name__)
@@ -56,30 +57,97 @@ def diverged_fields(e: Any) -> Dict[str, Any]:
                 diverged_lr=e.lr, diverged_what=e.reason, skipped_steps=e.skipped)
 
 
-def sweep_lr(cell: Cell, trial: Callable[[float], float]) -> Tuple[Optional[float], List[Dict[str, Any]]]:
-    """Run ``trial(lr)`` (held-out mIoU) for every learning rate of the cell's method; return
-    the best lr (``None`` if every trial diverged) and the trials. A diverged trial counts as
-    worst; ties go to the earlier lr of the list."""
-    from promptmatch.divergence import DivergenceError
+class _Unknown(Exception):
+    """A learning rate the sweep rule asks for that the recorded trials lack."""
 
-    trials: List[Dict[str, Any]] = []
-    for lr in method_lrs(cell.settings, cell.method, cell.method_name):
-        try:
-            m = trial(lr)
-            trials.append({"lr": lr, "holdout_miou": m, "status": "ok"})
-        except DivergenceError as e:
-            _logger.warning("lr trial %g diverged: %s", lr, e)
-            trials.append({"lr": lr, "holdout_miou": None, "status": "diverged", "reason": str(e)})
-        _logger.info("%s lr %g: held-out mIoU %s", cell.method, lr, trials[-1]["holdout_miou"])
+
+def _best_trial(trials: List[Dict[str, Any]]) -> Optional[float]:
     ok = [t for t in trials if t["status"] == "ok" and t["holdout_miou"] is not None
           and t["holdout_miou"] == t["holdout_miou"]]
-    if not ok:
-        return None, trials
-    return max(ok, key=lambda t: t["holdout_miou"])["lr"], trials
+    return max(ok, key=lambda t: t["holdout_miou"])["lr"] if ok else None
+
+
+def _same_lr(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _sweep_rule(grid: List[float], extend: int,
+                result: Callable[[float], Dict[str, Any]]) -> Tuple[Optional[float], List[Dict[str, Any]]]:
+    """Every lr of ``grid``, then, while the best held-out mIoU is at the lowest (highest) lr
+    tried, one more step down (up) by the grid's ratio at that end, at most ``extend`` steps
+    each way. ``result(lr)`` gives a trial; returns the best lr (None: every trial diverged)
+    and the trials in the order run. A diverged trial counts as worst; ties go to the
+    earlier trial."""
+    trials = [result(lr) for lr in grid]
+    ends = sorted(set(grid))
+    if extend > 0 and len(ends) >= 2:
+        ratio = {"down": ends[0] / ends[1], "up": ends[-1] / ends[-2]}
+        taken = {"down": 0, "up": 0}
+        while True:
+            best = _best_trial(trials)
+            tried = sorted(t["lr"] for t in trials)
+            if best is None:
+                break
+            if _same_lr(best, tried[0]) and taken["down"] < extend:
+                way, edge = "down", tried[0]
+            elif _same_lr(best, tried[-1]) and taken["up"] < extend:
+                way, edge = "up", tried[-1]
+            else:
+                break
+            taken[way] += 1
+            trials.append(result(float(f"{edge * ratio[way]:.12g}")))
+    return _best_trial(trials), trials
+
+
+def sweep_lr(cell: Cell, trial: Callable[[float], float],
+             known: Optional[List[Dict[str, Any]]] = None) -> Tuple[Optional[float], List[Dict[str, Any]]]:
+    """Run ``trial(lr)`` (held-out mIoU) for every learning rate of the cell's method, and
+    beyond the list's ends while the best is at an end (setting ``lr_extend``); return the
+    best lr (``None`` if every trial diverged) and the trials. A diverged trial counts as
+    worst; ties go to the earlier lr. ``known``: trials recorded before (an earlier run of
+    the cell), reused instead of run again."""
+    from promptmatch.divergence import DivergenceError
+
+    def result(lr: float) -> Dict[str, Any]:
+        for t in known or ():
+            if _same_lr(t["lr"], lr):
+                return dict(t)
+        try:
+            out = {"lr": lr, "holdout_miou": trial(lr), "status": "ok"}
+        except DivergenceError as e:
+            _logger.warning("lr trial %g diverged: %s", lr, e)
+            out = {"lr": lr, "holdout_miou": None, "status": "diverged", "reason": str(e)}
+        _logger.info("%s lr %g: held-out mIoU %s", cell.method, lr, out["holdout_miou"])
+        return out
+
+    return _sweep_rule(method_lrs(cell.settings, cell.method, cell.method_name),
+                       int(cell.settings.get("lr_extend") or 0), result)
+
+
+def sweep_pending(cell: Cell, record: Mapping[str, Any]) -> bool:
+    """Whether a finished record of ``cell`` lacks a trial its sweep rule asks for now (e.g.
+    ``lr_extend`` was raised and its best lr is at an end), or chose another lr than the rule
+    picks from its trials: then the cell runs again, reusing the recorded trials."""
+    grid = method_lrs(cell.settings, cell.method, cell.method_name)
+    trials = record.get("lr_trials")
+    if record.get("status") != "ok" or len(grid) < 2 or not trials:
+        return False
+
+    def result(lr: float) -> Dict[str, Any]:
+        for t in trials:
+            if _same_lr(t["lr"], lr):
+                return dict(t)
+        raise _Unknown(lr)
+
+    try:
+        chosen, _ = _sweep_rule(grid, int(cell.settings.get("lr_extend") or 0), result)
+    except _Unknown:
+        return True
+    return chosen is None or not _same_lr(chosen, float(record.get("lr_chosen", float("nan"))))
 
 
 def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str, os.PathLike]] = None,
-             launcher: str = "none") -> Dict[str, Any]:
+             launcher: str = "none", prior: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Train and evaluate one cell in this process and return its record.
 
     The cell's engine (setting ``engine``) decides how: ``memory`` trains in this process on
@@ -91,7 +159,10 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
     With an lr sweep (a setting's ``lr`` mapping), each of the method's learning rates is
     tried on the training split minus a held-out part (``holdout``), the best on the held-out
     part is chosen (a diverged trial is worst), and the cell trains on the whole training
-    split with it; the record holds ``lr_trials`` and ``lr_chosen``.
+    split with it; the record holds ``lr_trials`` and ``lr_chosen``. With setting
+    ``lr_extend`` the sweep goes on beyond the list's ends while the best lr is at one.
+    ``prior``: the cell's earlier record (:func:`sweep_pending`): its trials are reused, and
+    where the sweep still chooses its lr its final results are kept (``final_reused``).
 
     ``launcher="pytorch"`` (under ``torchrun``, every process calls this): the runner and
     mmengine engines train and evaluate data-parallel over the process group.
@@ -138,7 +209,7 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
         lrs = method_lrs(cell.settings, cell.method, cell.method_name)
         lr = lrs[0]
         if len(lrs) > 1:
-            lr, trials = sweep_lr(cell, engine.trial)
+            lr, trials = sweep_lr(cell, engine.trial, known=(prior or {}).get("lr_trials"))
             rec.update(lr_trials=trials, holdout_fraction=cell.settings["holdout"])
             if lr is None:
                 last = trials[-1]
@@ -148,6 +219,14 @@ def run_cell(cell: Union[Cell, Mapping[str, Any]], work_dir: Optional[Union[str,
                     wall_s=time.perf_counter() - t_start, versions=_versions(), device=_device_label(engine.device))
                 return rec
             rec["lr_chosen"] = lr
+            if prior is not None and prior.get("status") == "ok" and _same_lr(lr, float(prior.get("lr_chosen", math.nan))):
+                # the earlier record's final run used this lr: its results stand, with the trials added
+                for k, v in prior.items():
+                    if k not in rec or k in ("device", "versions"):
+                        rec[k] = v
+                rec.update(final_reused=prior.get("finished_at", True),
+                           wall_s=float(prior.get("wall_s") or 0.0) + time.perf_counter() - t_start)
+                return rec
         rec.update(engine.final(lr))
     except pm.MethodNotApplicableError as e:  # anything else is an error of the cell, with its traceback
         _logger.info("skipping %s on %s: %s", cell.method, cell.backbone["name"], e)
@@ -294,8 +373,9 @@ class MemoryEngine:
 
 
 def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None,
-                      work_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
-    """Run :func:`run_cell` in a fresh ``python -m promptmatch.benchmark --cell`` process.
+                      work_dir: Optional[Union[str, os.PathLike]] = None,
+                      prior: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Run :func:`run_cell` (with ``prior``) in a fresh ``python -m promptmatch.benchmark --cell`` process.
 
     A child that fails gives a record with ``status: "error"`` and the tail of its stderr.
     """
@@ -308,6 +388,9 @@ def run_cell_in_child(cell: Cell, timeout_s: Optional[float] = None,
         args = ["-m", "promptmatch.benchmark", "--cell", str(cell_file), "--record", str(out_file)]
         if work_dir is not None:
             args += ["--work-dir", str(work_dir)]
+        if prior is not None:
+            (Path(tmp) / "prior.json").write_text(json.dumps(prior))
+            args += ["--prior", str(Path(tmp) / "prior.json")]
         res = run_python(args, timeout=timeout_s, env=env)
         if res.ok and out_file.is_file():
             return json.loads(out_file.read_text())

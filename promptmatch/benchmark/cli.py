@@ -44,13 +44,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
+    ap.add_argument("--prior", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.cell:  # child process: one cell
-        rec = run_cell(json.loads(Path(args.cell).read_text()), work_dir=args.work_dir)
+        rec = run_cell(json.loads(Path(args.cell).read_text()), work_dir=args.work_dir,
+                       prior=json.loads(Path(args.prior).read_text()) if args.prior else None)
         tmp = Path(args.record).with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, allow_nan=True))
         tmp.replace(args.record)

@@ -39,6 +39,10 @@ SETTING_DEFAULTS: Dict[str, Any] = {
     "channels_last": False,
     "compile": False,
     "holdout": 0.2,  # fraction of the training split held out to choose a learning rate (lr sweeps)
+    # extra lrs a sweep may try beyond each end of its list while the best is at that end (one
+    # step of the list's ratio at that end each); never part of a cell key: a finished cell
+    # whose sweep lacks a trial this asks for is run again, reusing its trials (cell.sweep_pending)
+    "lr_extend": 0,
     "workers": 2,  # DataLoader workers (runner and mmengine engines)
 }
 #: settings added after the first records: left out of a cell key while at their defaults
@@ -249,6 +253,13 @@ def check_setting(s: Mapping[str, Any], where: str) -> Dict[str, Any]:
         if not (isinstance(c, int) and isinstance(st, int) and 1 <= st <= c):
             raise SpecError(f"{where}: eval_mode 'slide' needs integer 'eval_crop' and 'eval_stride' with "
                             f"1 <= eval_stride <= eval_crop, got crop {c!r}, stride {st!r}")
+    ext = out["lr_extend"]
+    if not isinstance(ext, int) or isinstance(ext, bool) or ext < 0:
+        raise SpecError(f"{where}: setting 'lr_extend' must be an integer >= 0, got {ext!r}")
+    if ext and not (isinstance(out["lr"], Mapping) and all(len(set(v)) >= 2 for v in out["lr"].values())):
+        raise SpecError(f"{where}: setting 'lr_extend' extends an lr sweep beyond its ends: it needs 'lr' to be a "
+                        "sweep mapping whose every list has at least two different values, got lr "
+                        f"{out['lr']!r}")
     if not (isinstance(out["holdout"], (int, float)) and 0 < out["holdout"] < 1):
         raise SpecError(f"{where}: setting 'holdout' must be a fraction in (0, 1), got {out['holdout']!r}")
     return out

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .cell import error_record, run_cell, run_cell_in_child
+from .cell import error_record, run_cell, run_cell_in_child, sweep_pending
 from .report import reason_summary, tail_lines, write_report
 from .spec import BenchmarkSpec, Cell, expand_grid, settings_label
 from .store import OutputLock, ResultStore
@@ -100,9 +100,24 @@ def _check_before_training(spec: BenchmarkSpec, out: Path, cells: List[Cell], ma
 
 def _todo(out: Path, cells: List[Cell], retry_errors: bool, max_cells: Optional[int]) -> List[Cell]:
     """The cells of ``cells`` that ``out``'s results do not hold as finished, at most ``max_cells``."""
-    done = ResultStore(out / "results.jsonl").done_keys(retry_errors)
-    todo = [c for c in cells if c.key not in done]
+    todo = [c for c, _ in _pending(ResultStore(out / "results.jsonl"), cells, retry_errors)]
     return todo if max_cells is None else todo[:max_cells]
+
+
+def _pending(store: ResultStore, cells: List[Cell],
+             retry_errors: bool) -> List[Tuple[Cell, Optional[Dict[str, Any]]]]:
+    """The cells ``store`` does not hold as finished, in order, each with its earlier record
+    where that record's lr sweep lacks a trial the cell's sweep rule asks for now (its
+    trials are then reused; see :func:`~.cell.sweep_pending`), else None."""
+    latest = {r["key"]: r for r in store.latest()}
+    done = store.done_keys(retry_errors)
+    out: List[Tuple[Cell, Optional[Dict[str, Any]]]] = []
+    for c in cells:
+        if c.key not in done:
+            out.append((c, None))
+        elif sweep_pending(c, latest[c.key]):
+            out.append((c, latest[c.key]))
+    return out
 
 
 def _init_distributed(device: str) -> int:
@@ -134,7 +149,8 @@ def cell_dir(out: Union[str, os.PathLike], cell: Cell) -> Path:
     return Path(out) / "cells" / hashlib.sha1(cell.key.encode()).hexdigest()[:12]
 
 
-def _run_cell_distributed(cell: Cell, work_dir: Path, launcher: str, rank: int) -> Dict[str, Any]:
+def _run_cell_distributed(cell: Cell, work_dir: Path, launcher: str, rank: int,
+                          prior: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One cell in every process of a ``torchrun`` group (runner and mmengine engines: data
     parallel; memory engine: rank 0 alone); every process waits for the others before the next cell."""
     import torch.distributed as dist
@@ -142,7 +158,7 @@ def _run_cell_distributed(cell: Cell, work_dir: Path, launcher: str, rank: int) 
     if cell.settings.get("engine") in _DATA_PARALLEL_ENGINES or rank == 0:
         # no try/except here: an exception in one process ends it, and torchrun then stops the
         # others (waiting for them in a barrier would hang the group until its timeout)
-        rec = run_cell(cell, work_dir=work_dir, launcher=launcher)
+        rec = run_cell(cell, work_dir=work_dir, launcher=launcher, prior=prior)
     else:
         rec = {}
     rec["world_size"] = dist.get_world_size() if cell.settings.get("engine") in _DATA_PARALLEL_ENGINES else 1
@@ -182,15 +198,17 @@ def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, cells: List[Cell], max
     store = ResultStore(out / "results.jsonl")
     if rank == 0:
         (out / "spec.json").write_text(json.dumps(spec.raw, indent=2) + "\n")
-    done = store.done_keys(retry_errors)  # again, under the lock
-    todo = [c for c in cells if c.key not in done]
+    pending = _pending(store, cells, retry_errors)  # again, under the lock
+    todo = [c for c, _ in pending]
+    priors = {c.key: prior for c, prior in pending if prior is not None}
     if launcher != "none":  # every process runs rank 0's list of cells
         import torch.distributed as dist
 
         keys = [[c.key for c in todo]]
         dist.broadcast_object_list(keys, src=0)
         todo = [c for c in cells if c.key in set(keys[0])]
-    _logger.info("%s: %d cells, %d finished before, %d to run", spec.name, len(cells), len(cells) - len(todo), len(todo))
+    _logger.info("%s: %d cells, %d finished before, %d to run%s", spec.name, len(cells), len(cells) - len(todo),
+                 len(todo), f" ({len(priors)} of them finished before, to extend their lr sweep)" if priors else "")
     if max_cells is not None:
         todo = todo[:max_cells]
     written = []
@@ -200,15 +218,15 @@ def _run_benchmark_locked(spec: BenchmarkSpec, out: Path, cells: List[Cell], max
                             f"{settings_label(cell.settings)} | seed {cell.seed}", refresh=True)
         work_dir = cell_dir(out, cell)
         if launcher != "none":
-            rec = _run_cell_distributed(cell, work_dir, launcher, rank)
+            rec = _run_cell_distributed(cell, work_dir, launcher, rank, priors.get(cell.key))
             if rank != 0:
                 bar.update(1)
                 continue
         elif isolate:
-            rec = run_cell_in_child(cell, spec.cell_timeout_s, work_dir=work_dir)
+            rec = run_cell_in_child(cell, spec.cell_timeout_s, work_dir=work_dir, prior=priors.get(cell.key))
         else:
             try:
-                rec = run_cell(cell, work_dir=work_dir)
+                rec = run_cell(cell, work_dir=work_dir, prior=priors.get(cell.key))
             except Exception:  # same record as a failed child: the traceback is the reason
                 rec = error_record(cell, tail_lines(traceback.format_exc()), 0.0)
             if "peak_mem_kind" in rec and rec["peak_mem_kind"].startswith("cpu"):

@@ -122,8 +122,8 @@ def cell_key(method: str, backbone: Mapping[str, Any], dataset: str, settings: M
     bb = {"name": backbone["name"], "weights": backbone.get("weights"), "kwargs": backbone.get("kwargs") or {}}
     if backbone.get("mmseg_model"):
         bb["mmseg_model"] = backbone["mmseg_model"]
-    st = {k: v for k, v in settings.items()
-          if not (k in NEW_SETTINGS and v == (SETTING_DEFAULTS[k] if k != "engine" else "memory"))}
+    st = {k: v for k, v in settings.items() if k != "lr_extend"  # see cell.sweep_pending
+          and not (k in NEW_SETTINGS and v == (SETTING_DEFAULTS[k] if k != "engine" else "memory"))}
     if st.get("engine") is None and st.get("weight_decay") is None:
         st.pop("weight_decay", None)
     key: Dict[str, Any] = {"method": method, "backbone": bb, "dataset": dataset, "settings": st,
