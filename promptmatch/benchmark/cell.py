@@ -71,6 +71,16 @@ def _same_lr(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
 
 
+def _recorded(trials: Optional[List[Dict[str, Any]]], lr: float) -> Optional[Dict[str, Any]]:
+    """A copy of the trial of ``lr`` among ``trials`` (recorded before), or None."""
+    return next((dict(t) for t in trials or () if _same_lr(t["lr"], lr)), None)
+
+
+def _sweep_settings(cell: Cell) -> Tuple[List[float], int]:
+    """The cell's lr list and how far past its ends the sweep may go (setting ``lr_extend``)."""
+    return method_lrs(cell.settings, cell.method, cell.method_name), int(cell.settings.get("lr_extend") or 0)
+
+
 def _sweep_rule(grid: List[float], extend: int,
                 result: Callable[[float], Dict[str, Any]]) -> Tuple[Optional[float], List[Dict[str, Any]]]:
     """Every lr of ``grid``, then, while the best held-out mIoU is at the lowest (highest) lr
@@ -109,9 +119,9 @@ def sweep_lr(cell: Cell, trial: Callable[[float], float],
     from promptmatch.divergence import DivergenceError
 
     def result(lr: float) -> Dict[str, Any]:
-        for t in known or ():
-            if _same_lr(t["lr"], lr):
-                return dict(t)
+        old = _recorded(known, lr)
+        if old is not None:
+            return old
         try:
             out = {"lr": lr, "holdout_miou": trial(lr), "status": "ok"}
         except DivergenceError as e:
@@ -120,27 +130,26 @@ def sweep_lr(cell: Cell, trial: Callable[[float], float],
         _logger.info("%s lr %g: held-out mIoU %s", cell.method, lr, out["holdout_miou"])
         return out
 
-    return _sweep_rule(method_lrs(cell.settings, cell.method, cell.method_name),
-                       int(cell.settings.get("lr_extend") or 0), result)
+    return _sweep_rule(*_sweep_settings(cell), result)
 
 
 def sweep_pending(cell: Cell, record: Mapping[str, Any]) -> bool:
     """Whether a finished record of ``cell`` lacks a trial its sweep rule asks for now (e.g.
     ``lr_extend`` was raised and its best lr is at an end), or chose another lr than the rule
     picks from its trials: then the cell runs again, reusing the recorded trials."""
-    grid = method_lrs(cell.settings, cell.method, cell.method_name)
+    grid, extend = _sweep_settings(cell)
     trials = record.get("lr_trials")
     if record.get("status") != "ok" or len(grid) < 2 or not trials:
         return False
 
     def result(lr: float) -> Dict[str, Any]:
-        for t in trials:
-            if _same_lr(t["lr"], lr):
-                return dict(t)
-        raise _Unknown(lr)
+        old = _recorded(trials, lr)
+        if old is None:
+            raise _Unknown(lr)
+        return old
 
     try:
-        chosen, _ = _sweep_rule(grid, int(cell.settings.get("lr_extend") or 0), result)
+        chosen, _ = _sweep_rule(grid, extend, result)
     except _Unknown:
         return True
     return chosen is None or not _same_lr(chosen, float(record.get("lr_chosen", float("nan"))))
