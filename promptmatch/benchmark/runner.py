@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from .cell import error_record, run_cell, run_cell_in_child, sweep_pending
 from .report import reason_summary, tail_lines, write_report
 from .spec import BenchmarkSpec, Cell, expand_grid, settings_label
-from .store import OutputLock, ResultStore
+from .store import OutputLock, ResultStore, is_finished
 
 __all__ = ["run_benchmark", "merge_results", "cell_dir"]
 
@@ -110,10 +110,9 @@ def _pending(store: ResultStore, cells: List[Cell],
     where that record's lr sweep lacks a trial the cell's sweep rule asks for now (its
     trials are then reused; see :func:`~.cell.sweep_pending`), else None."""
     latest = {r["key"]: r for r in store.latest()}
-    done = store.done_keys(retry_errors)
     out: List[Tuple[Cell, Optional[Dict[str, Any]]]] = []
     for c in cells:
-        if c.key not in done:
+        if c.key not in latest or not is_finished(latest[c.key], retry_errors):
             out.append((c, None))
         elif sweep_pending(c, latest[c.key]):
             out.append((c, latest[c.key]))

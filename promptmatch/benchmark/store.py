@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Union
 
 from .._locking import exclusive_lock
 
-__all__ = ["ResultStore", "OutputLock", "BenchmarkLockedError", "latest_records"]
+__all__ = ["ResultStore", "OutputLock", "BenchmarkLockedError", "latest_records", "is_finished"]
 
 _logger = logging.getLogger(__name__)
 
@@ -23,6 +23,12 @@ def latest_records(records: Iterable[Mapping[str, Any]]) -> List[Mapping[str, An
     for r in records:
         latest[r["key"]] = r
     return list(latest.values())
+
+
+def is_finished(record: Mapping[str, Any], retry_errors: bool = False) -> bool:
+    """Whether a cell whose latest record is ``record`` counts as finished (``ok``,
+    ``skipped`` and ``diverged``; ``error`` too unless ``retry_errors``)."""
+    return not (retry_errors and record.get("status") == "error")
 
 
 class BenchmarkLockedError(RuntimeError):
@@ -135,7 +141,7 @@ class ResultStore:
     def done_keys(self, retry_errors: bool = False) -> set:
         """Keys of finished cells, by their latest record (``ok``, ``skipped`` and
         ``diverged``; ``error`` too unless ``retry_errors``)."""
-        return {r["key"] for r in self.latest() if not (retry_errors and r.get("status") == "error")}
+        return {r["key"] for r in self.latest() if is_finished(r, retry_errors)}
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one record as a line; starts a new line if the file ends in a truncated one."""
