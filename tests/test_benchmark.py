@@ -229,6 +229,42 @@ def test_method_variants_and_per_backbone_methods(tmp_path):
         bm.validate_spec({**raw, "backbones": [{"name": "test_resnet", "methods": ["vpt"]}]})
 
 
+def test_exclude_rules_drop_cells_and_keep_the_others_keys(tmp_path, capsys):
+    """``exclude`` leaves out the cells matching every field of a rule; the other cells keep their keys
+    (a run resumes), and a rule naming nothing of the spec, or matching no cell, is refused."""
+    raw = {**TINY, "settings": {**TINY["settings"], "decoder": ["linear", "multilevel"]},
+           "datasets": ["nuclei", "texture_mosaic"], "backbones": ["test_resnet", {"name": "test_vit", "label": "vit"}]}
+    full = bm.expand_grid(bm.validate_spec(raw))
+    assert len(full) == 2 * 2 * 2 * 2 * 2
+    rules = [{"dataset": "nuclei", "backbone": "vit", "decoder": "linear"},  # a backbone by its label or name
+             {"method": "spm", "seed": [1], "backbone": ["test_resnet", "test_vit"]}]
+    kept = bm.expand_grid(bm.validate_spec({**raw, "exclude": rules}))
+
+    def dropped(c):
+        return (c.dataset["name"], c.backbone.get("label", c.backbone["name"]), c.settings["decoder"]) == \
+            ("nuclei", "vit", "linear") or (c.method, c.seed) == ("spm", 1)
+
+    assert [c.key for c in kept] == [c.key for c in full if not dropped(c)]
+    assert 0 < len(kept) < len(full)
+    spec_file = tmp_path / "excl.json"
+    spec_file.write_text(json.dumps({**raw, "exclude": rules}))
+    assert bm.main(["--spec", str(spec_file), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"{len(kept)} cells (" in listed and f"; {len(full) - len(kept)} left out by 'exclude')" in listed
+    for rule, match in (
+        ({"dataset": "ade"}, r"dataset \['ade'\] not in the spec; its datasets: nuclei, texture_mosaic"),
+        ({"backbone": "resnet"}, r"its backbones: test_resnet \(random init\), test_resnet, vit, test_vit"),
+        ({"methods": "spm"}, r"unknown field\(s\) \['methods'\]"),
+        ({}, "non-empty mapping"),
+        ({"seed": []}, "has no values"),
+        ({"decoder": "upernet"}, "matches no cell of the grid"),
+    ):
+        with pytest.raises(bm.SpecError, match=match):
+            bm.expand_grid(bm.validate_spec({**raw, "exclude": [rule]}))
+    with pytest.raises(bm.SpecError, match="must be a list of rules"):
+        bm.validate_spec({**raw, "exclude": {"dataset": "nuclei"}})
+
+
 def test_decoder_cfg_setting(tmp_path):
     spec = bm.validate_spec({**TINY, "seeds": [0], "methods": ["linear"],
                              "settings": {**TINY["settings"], "steps": 2, "decoder": "multilevel",

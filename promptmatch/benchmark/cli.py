@@ -95,7 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out or f"work_dirs/bench_{spec.name}")
     if args.validate or args.list:
         print(f"{spec.name}: valid; {len(cells)} cells ({len(spec.methods)} methods x {len(spec.backbones)} backbones "
-              f"x {len(spec.datasets)} datasets x {len(spec.settings)} settings x {len(spec.seeds)} seeds)")
+              f"x {len(spec.datasets)} datasets x {len(spec.settings)} settings x {len(spec.seeds)} seeds"
+              + (f"; {_n_excluded(spec, cells)} left out by 'exclude')" if spec.exclude else ")"))
         if args.validate:  # what a run checks before it trains anything: the data and every cell's settings
             from .validation import check_run
 
@@ -136,6 +137,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if errors else 0
 
 
+def _n_excluded(spec, cells) -> int:
+    """How many cells the spec's ``exclude`` rules leave out of its grid."""
+    import dataclasses
+
+    return len(expand_grid(dataclasses.replace(spec, exclude=[]))) - len(cells)
+
+
 if __name__ == "__main__":
     sys.exit(main())
-
