@@ -148,6 +148,27 @@ def test_report_lr_edges_are_judged_per_seed(tmp_path):
     assert "Chose the lowest" not in section and "No seed chose" not in section
 
 
+def test_report_names_lrs_some_cells_of_a_row_never_tried(tmp_path):
+    """An extended sweep chose an lr that other cells of its row never tried: the report names the lr,
+    who chose it and who did not try it; a row whose cells all tried the chosen lrs is not named."""
+    grid = {1e-4: 0.40, 3e-4: 0.41, 1e-3: 0.39}
+    recs = [make_record("spm", 0, {"val": 0.5}, lr_trials=trials(grid), lr_chosen=3e-4),
+            make_record("spm", 1, {"val": 0.6}, lr_trials=trials({**grid, 1e-4: 0.42, 2.5e-5: 0.48}),
+                        lr_chosen=2.5e-5),
+            make_record("lora", 0, {"val": 0.5}, lr_trials=trials(grid), lr_chosen=3e-4),
+            make_record("lora", 1, {"val": 0.5}, lr_trials=trials(grid), lr_chosen=3e-4)]
+    recs += [make_record(m, s, {"val": 0.5}, dataset="city", lr_trials=trials(grid), lr_chosen=3e-4)
+             for m in ("spm", "lora") for s in (0, 1)]
+    section = write(tmp_path, recs).split("## Learning rates")[1].split("\n## ")[0]
+    assert "Sweeps of unequal reach (1 row(s))" in section
+    assert ("- ade, vit-t, linear frozen: 2.5e-05 chosen by spm (seed 1); not tried by lora (seeds 0,1), "
+            "spm (seed 0).") in section
+    assert "- city," not in section
+    (tmp_path / "same").mkdir()
+    same = write(tmp_path / "same", [r for r in recs if r["dataset"] == "city"])
+    assert "unequal reach" not in same
+
+
 def test_report_without_lr_trials_has_no_lr_section(tmp_path):
     report = write(tmp_path, [make_record("spm", 0, {"val": 0.5}), make_record("linear", 0, {"val": 0.4})])
     assert "## Learning rates" not in report

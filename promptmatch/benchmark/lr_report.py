@@ -82,5 +82,43 @@ def lr_section(records: List[Dict[str, Any]],
     out += [""] + [f"Chose the {edge} learning rate tried ({len(rows)} of {len(groups)} rows; their best lr may lie "
                    "outside the range tried): " + "; ".join(rows) + "." for edge, rows in edges.items() if rows]
     swept = any(len({t["lr"] for t in r["lr_trials"]}) > 1 for rs in groups.values() for r in rs)
-    return out + ([] if edges["highest"] or edges["lowest"] or not swept else
-                  ["No seed chose the highest or the lowest learning rate tried."]) + [""]
+    out += [] if edges["highest"] or edges["lowest"] or not swept else \
+        ["No seed chose the highest or the lowest learning rate tried."]
+    reach = _unequal_reach(groups)
+    if reach:
+        out += ["", f"Sweeps of unequal reach ({len(reach)} row(s)): a learning rate that some cells chose and other "
+                "cells of the same row never tried (a sweep extended past its list's end where its own best was "
+                "there). The others' choice inside the list is the best only if their held-out curve has a "
+                "single peak; where it may not, compare the row's methods with care, or list these learning "
+                "rates for every method:", ""] + [f"- {line}" for line in reach]
+    return out + [""]
+
+
+def _methods_seeds(records: Sequence[Mapping[str, Any]], method: Callable[[Mapping[str, Any]], str]) -> str:
+    """``lora (seeds 0,1), spm (seed 2)`` for the given records."""
+    by: Dict[str, List[int]] = {}
+    for r in records:
+        by.setdefault(method(r), []).append(r["seed"])
+    return ", ".join(f"{m} ({_seeds_text(sorted(sd))})" for m, sd in sorted(by.items()))
+
+
+def _unequal_reach(groups: Mapping[Tuple[str, str, str, str], List[Dict[str, Any]]]) -> List[str]:
+    """One line per (dataset, backbone, setting) row in which an lr chosen by some cells was never
+    tried by others of the row (its methods were not all offered the same learning rates)."""
+    rows: Dict[Tuple[str, str, str], List[Tuple[str, Dict[str, Any]]]] = {}
+    for key, rs in groups.items():
+        rows.setdefault(key[:3], []).extend((key[3], r) for r in rs)
+    lines = []
+    for row, members in sorted(rows.items()):
+        method = {id(r): m for m, r in members}
+        records = [r for _, r in members]
+        parts = []
+        for lr in sorted({float(r["lr_chosen"]) for r in records if isinstance(r.get("lr_chosen"), (int, float))}):
+            untried = [r for r in records if lr not in {float(t["lr"]) for t in r["lr_trials"]}]
+            if untried:
+                chose = [r for r in records if r.get("lr_chosen") == lr]
+                parts.append(f"{_lr(lr)} chosen by {_methods_seeds(chose, lambda r: method[id(r)])}; not tried by "
+                             f"{_methods_seeds(untried, lambda r: method[id(r)])}")
+        if parts:
+            lines.append(f"{', '.join(row)}: " + ". ".join(parts) + ".")
+    return lines
