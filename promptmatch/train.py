@@ -166,16 +166,6 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def _close_process_group() -> None:
-    """End the process group of a torchrun run (every process together), so none exits while
-    another still talks to it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns the exit status (0 done, 1 training failed, 2 bad input)."""
     args = parse_args(argv)
@@ -187,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .datasets.folder import FolderDatasetError
     from .divergence import DivergenceError
     from .engine import train_folder
+    from .engine.compat import close_process_group
     from .engine.runner import _is_main
 
     try:
@@ -195,11 +186,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FolderDatasetError, ValueError, FileNotFoundError) as e:
         print(f"promptmatch.train: nothing was trained: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except DivergenceError as e:
+    except DivergenceError as e:  # every process stops at the same step (the guard agrees across them)
         print(f"promptmatch.train: {e}", file=sys.stderr)
+        close_process_group()
         return 1
     main_process = _is_main()
-    _close_process_group()
+    close_process_group()
     if main_process:
         miou = result.get("val_miou")
         print(f"val mIoU ({cfg.val_split}{' held-out part' if args.holdout else ''}): "

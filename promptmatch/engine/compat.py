@@ -1,7 +1,8 @@
 """Where promptmatch's runs differ from mmengine's defaults, for the folder engine and the
 mmseg integration alike: the device a Runner puts the model on (chosen per run instead of
-mmengine's import-time answer, ``"cuda"`` whenever a GPU is visible), and loading the Runner
-checkpoints a run wrote itself under torch >= 2.6."""
+mmengine's import-time answer, ``"cuda"`` whenever a GPU is visible), loading the Runner
+checkpoints a run wrote itself under torch >= 2.6, and ending a torchrun run's process group
+together."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,24 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["mmengine_device", "trust_checkpoints_under"]
+__all__ = ["mmengine_device", "trust_checkpoints_under", "close_process_group"]
+
+
+def close_process_group() -> None:
+    """End a torchrun run's process group in every process together (a barrier, then
+    ``destroy_process_group``); nothing outside a distributed run.
+
+    mmengine leaves the group open when training ends: a process that exits while another
+    still writes its checkpoints tears the gloo transport down under it, and the C++ runtime
+    aborts one of them (``terminate called without an active exception``), failing the
+    launch after every checkpoint was written. Call it where every process arrives, after
+    training ended normally, never on an error path one process took alone.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

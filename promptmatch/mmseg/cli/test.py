@@ -74,11 +74,18 @@ def main(argv=None) -> int:
     except PromptMismatchError as e:
         raise SystemExit(f"error: {e}") from None
     metrics = runner.test()
-    out = osp.join(cfg.work_dir, "test_metrics.json")
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "metrics": metrics}, f, indent=2, default=float)
-    print(json.dumps(metrics, indent=2, default=float))
+    from mmengine.dist import is_main_process
+
+    from promptmatch.engine.compat import close_process_group
+
+    main_process = is_main_process()  # asked before the group ends: every process answers "main" after
+    close_process_group()
+    if main_process:  # under torchrun every process holds the same gathered metrics: one writes them
+        out = osp.join(cfg.work_dir, "test_metrics.json")
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "metrics": metrics}, f, indent=2, default=float)
+        print(json.dumps(metrics, indent=2, default=float))
     return 0
 
 

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     from mmengine.logging import print_log
     from mmengine.runner import Runner
 
+    from promptmatch.engine.compat import close_process_group
     from promptmatch.mmseg.runtime import (
         add_prompt_hook, check_data_roots, load_config, prepare_distributed, trust_checkpoints_under,
     )
@@ -68,10 +69,12 @@ def main(argv=None) -> int:
     with trust_checkpoints_under(cfg.work_dir):
         try:
             runner.train()
-        except DivergenceError as e:
+        except DivergenceError as e:  # every process stops at the same step (the guard agrees across them)
             print_log(f"promptmatch: {e}", logger="current", level=logging.ERROR)
             print(f"error: {e}", file=sys.stderr)
+            close_process_group()
             return 3
+    close_process_group()  # no process exits while another still writes its checkpoints
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     guard = getattr(model, "divergence_guard", None)
     if guard is not None and guard.skipped:
