@@ -12,7 +12,11 @@ from .errors import SpecError
 from .sources import config_ref
 from .sources.base import as_list
 
-__all__ = ["MethodEntry", "BackboneEntry", "SETTING_DEFAULTS", "NEW_SETTINGS", "check_setting"]
+__all__ = ["MethodEntry", "BackboneEntry", "SETTING_DEFAULTS", "NEW_SETTINGS", "EXCLUDE_FIELDS", "check_setting",
+           "check_exclude", "excluded_by"]
+
+#: The fields an ``exclude`` rule can match besides the settings' keys.
+EXCLUDE_FIELDS = ("dataset", "backbone", "method", "seed")
 
 #: Settings of a cell and their defaults; a spec's ``settings`` may give a list for any of
 #: them (the grid takes their product) or a list of such mappings.
@@ -263,3 +267,51 @@ def check_setting(s: Mapping[str, Any], where: str) -> Dict[str, Any]:
     if not (isinstance(out["holdout"], (int, float)) and 0 < out["holdout"] < 1):
         raise SpecError(f"{where}: setting 'holdout' must be a fraction in (0, 1), got {out['holdout']!r}")
     return out
+
+
+def _backbone_ids(backbone: Mapping[str, Any]) -> List[str]:
+    """What an ``exclude`` rule may call a backbone: its label (as reports show it) or its name."""
+    return list(dict.fromkeys([str(backbone.get("label") or backbone["name"]), str(backbone["name"])]))
+
+
+def check_exclude(raw: Any, where: str, methods: Sequence[str], backbones: Sequence[Mapping[str, Any]],
+                  datasets: Sequence[str], seeds: Sequence[Any]) -> List[Dict[str, List[Any]]]:
+    """A spec's ``exclude`` rules, each ``{field: [values]}``, with the values naming datasets,
+    backbones, methods and seeds checked against the spec's."""
+    if raw is None:
+        return []
+    if not isinstance(raw, (list, tuple)):
+        raise SpecError(f"{where}: 'exclude' must be a list of rules such as "
+                        f'[{{"dataset": "nuclei", "decoder": "linear"}}], got {raw!r}')
+    known = {"dataset": list(datasets),
+             "backbone": list(dict.fromkeys(i for b in backbones for i in _backbone_ids(b))),
+             "method": list(methods), "seed": list(seeds)}
+    fields = sorted(set(EXCLUDE_FIELDS) | set(SETTING_DEFAULTS))
+    rules: List[Dict[str, List[Any]]] = []
+    for i, rule in enumerate(raw):
+        w = f"{where}: exclude[{i}]"
+        if not isinstance(rule, Mapping) or not rule:
+            raise SpecError(f"{w} must be a non-empty mapping of fields to values (a cell matching every "
+                            f"field is left out); fields: {fields}; got {rule!r}")
+        bad = sorted(set(rule) - set(fields))
+        if bad:
+            raise SpecError(f"{w}: unknown field(s) {bad}; an exclude rule matches {fields}")
+        r = {k: as_list(v) for k, v in rule.items()}
+        for k, values in r.items():
+            if not values:
+                raise SpecError(f"{w}: {k!r} has no values; give one value or a list")
+            if k in known:
+                missing = [v for v in values if v not in known[k]]
+                if missing:
+                    raise SpecError(f"{w}: {k} {missing} not in the spec; its {k}s: "
+                                    f"{', '.join(map(str, known[k]))}")
+        rules.append(r)
+    return rules
+
+
+def excluded_by(rule: Mapping[str, List[Any]], dataset: str, backbone: Mapping[str, Any], method: str, seed: int,
+                settings: Mapping[str, Any]) -> bool:
+    """Whether a cell (its dataset name, backbone entry, method label, seed and resolved
+    settings) matches every field of an ``exclude`` rule."""
+    values = {"dataset": [dataset], "backbone": _backbone_ids(backbone), "method": [method], "seed": [seed]}
+    return all(any(x in v for x in values.get(k, [settings.get(k)])) for k, v in rule.items())

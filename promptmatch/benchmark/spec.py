@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .entries import NEW_SETTINGS, SETTING_DEFAULTS, BackboneEntry, MethodEntry, check_setting
+from .entries import (
+    NEW_SETTINGS, SETTING_DEFAULTS, BackboneEntry, MethodEntry, check_exclude, check_setting, excluded_by,
+)
 from .errors import SpecError
 from .sources import get_source, list_sources
 from .sources.base import as_list
@@ -37,8 +39,7 @@ ENGINE_LR = {"memory": 2e-3, "runner": 1e-4, "mmengine": 1e-4}
 ENGINE_WEIGHT_DECAY = {"memory": 0.01, "runner": 0.05, "mmengine": 0.05}
 _TOP_KEYS = {"name", "description", "methods", "backbones", "datasets", "settings", "seeds",
              "threads", "device", "cell_timeout_s", "max_bad_steps", "exclude", "requires", "notes"}
-#: The fields an ``exclude`` rule can match besides the settings' keys.
-EXCLUDE_FIELDS = ("dataset", "backbone", "method", "seed")
+
 
 
 # --------------------------------------------------------------------------------------
@@ -318,59 +319,13 @@ def validate_spec(raw: Mapping[str, Any], where: str = "spec") -> BenchmarkSpec:
     if not isinstance(max_bad, int) or isinstance(max_bad, bool) or max_bad < 0:
         raise SpecError(f"{where}: 'max_bad_steps' must be an integer >= 0 (0: a cell stops at its first "
                         f"non-finite step and is recorded as diverged), got {max_bad!r}")
-    exclude = _check_exclude(raw.get("exclude"), where, methods, backbones, datasets, seeds)
+    exclude = check_exclude(raw.get("exclude"), where, methods, backbones, [d["name"] for d in datasets], seeds)
     return BenchmarkSpec(name=str(raw.get("name", "benchmark")), methods=methods, method_specs=method_specs,
                          backbones=backbones,
                          datasets=datasets, settings=settings, seeds=[int(s) for s in seeds], threads=threads,
                          device=device, cell_timeout_s=raw.get("cell_timeout_s"), max_bad_steps=max_bad,
                          description=str(raw.get("description", "")), raw=copy.deepcopy(dict(raw)),
                          exclude=exclude)
-
-
-def _backbone_ids(backbone: Mapping[str, Any]) -> List[str]:
-    """What an ``exclude`` rule may call a backbone: its label (as reports show it) or its name."""
-    return list(dict.fromkeys([str(backbone.get("label") or backbone["name"]), str(backbone["name"])]))
-
-
-def _check_exclude(raw: Any, where: str, methods: List[str], backbones: List[Dict[str, Any]],
-                   datasets: List[Dict[str, Any]], seeds: List[Any]) -> List[Dict[str, List[Any]]]:
-    """The spec's ``exclude`` rules, each ``{field: [values]}``; names checked against the spec."""
-    if raw is None:
-        return []
-    if not isinstance(raw, (list, tuple)):
-        raise SpecError(f"{where}: 'exclude' must be a list of rules such as "
-                        f'[{{"dataset": "nuclei", "decoder": "linear"}}], got {raw!r}')
-    known = {"dataset": [d["name"] for d in datasets],
-             "backbone": list(dict.fromkeys(i for b in backbones for i in _backbone_ids(b))),
-             "method": list(methods), "seed": list(seeds)}
-    fields = sorted(set(EXCLUDE_FIELDS) | set(SETTING_DEFAULTS))
-    rules: List[Dict[str, List[Any]]] = []
-    for i, rule in enumerate(raw):
-        w = f"{where}: exclude[{i}]"
-        if not isinstance(rule, Mapping) or not rule:
-            raise SpecError(f"{w} must be a non-empty mapping of fields to values (a cell matching every "
-                            f"field is left out); fields: {fields}; got {rule!r}")
-        bad = sorted(set(rule) - set(fields))
-        if bad:
-            raise SpecError(f"{w}: unknown field(s) {bad}; an exclude rule matches {fields}")
-        r = {k: as_list(v) for k, v in rule.items()}
-        for k, values in r.items():
-            if not values:
-                raise SpecError(f"{w}: {k!r} has no values; give one value or a list")
-            if k in known:
-                missing = [v for v in values if v not in known[k]]
-                if missing:
-                    raise SpecError(f"{w}: {k} {missing} not in the spec; its {k}s: "
-                                    f"{', '.join(map(str, known[k]))}")
-        rules.append(r)
-    return rules
-
-
-def _excluded_by(cell: "Cell", rule: Mapping[str, List[Any]]) -> bool:
-    """Whether ``cell`` matches every field of ``rule`` (settings compared after resolution)."""
-    values = {"dataset": [cell.dataset["name"]], "backbone": _backbone_ids(cell.backbone),
-              "method": [cell.method], "seed": [cell.seed]}
-    return all(any(x in v for x in values.get(k, [cell.settings.get(k)])) for k, v in rule.items())
 
 
 def _check_datasets(raw: Any, where: str) -> List[Dict[str, Any]]:
@@ -471,11 +426,11 @@ def expand_grid(spec: BenchmarkSpec) -> List[Cell]:
         unique.setdefault(c.key, c)
     kept = list(unique.values())
     for i, rule in enumerate(spec.exclude):
-        hits = [c for c in kept if _excluded_by(c, rule)]
+        hits = [c for c in kept if excluded_by(rule, c.dataset["name"], c.backbone, c.method, c.seed, c.settings)]
         if not hits:
             raise SpecError(f"{spec.name}: exclude[{i}] {rule} matches no cell of the grid (an eval_only "
                             "dataset, or a method a backbone does not run, has no cells); correct or remove it")
         _logger.debug("%s: exclude[%d] leaves out %d cell(s)", spec.name, i, len(hits))
-        kept = [c for c in kept if not _excluded_by(c, rule)]
+        kept = [c for c in kept if not excluded_by(rule, c.dataset["name"], c.backbone, c.method, c.seed, c.settings)]
     return kept
 
