@@ -41,7 +41,6 @@ _TOP_KEYS = {"name", "description", "methods", "backbones", "datasets", "setting
              "threads", "device", "cell_timeout_s", "max_bad_steps", "exclude", "requires", "notes"}
 
 
-
 # --------------------------------------------------------------------------------------
 # spec
 
