@@ -94,11 +94,11 @@ def lr_section(records: List[Dict[str, Any]],
     return out + [""]
 
 
-def _methods_seeds(records: Sequence[Mapping[str, Any]], method: Callable[[Mapping[str, Any]], str]) -> str:
-    """``lora (seeds 0,1), spm (seed 2)`` for the given records."""
+def _methods_seeds(members: Sequence[Tuple[str, Mapping[str, Any]]]) -> str:
+    """``lora (seeds 0,1), spm (seed 2)`` for (method, record) pairs."""
     by: Dict[str, List[int]] = {}
-    for r in records:
-        by.setdefault(method(r), []).append(r["seed"])
+    for m, r in members:
+        by.setdefault(m, []).append(r["seed"])
     return ", ".join(f"{m} ({_seeds_text(sorted(sd))})" for m, sd in sorted(by.items()))
 
 
@@ -110,15 +110,13 @@ def _unequal_reach(groups: Mapping[Tuple[str, str, str, str], List[Dict[str, Any
         rows.setdefault(key[:3], []).extend((key[3], r) for r in rs)
     lines = []
     for row, members in sorted(rows.items()):
-        method = {id(r): m for m, r in members}
-        records = [r for _, r in members]
+        tried = [{float(t["lr"]) for t in r["lr_trials"]} for _, r in members]
         parts = []
-        for lr in sorted({float(r["lr_chosen"]) for r in records if isinstance(r.get("lr_chosen"), (int, float))}):
-            untried = [r for r in records if lr not in {float(t["lr"]) for t in r["lr_trials"]}]
+        for lr in sorted({float(r["lr_chosen"]) for _, r in members if isinstance(r.get("lr_chosen"), (int, float))}):
+            untried = [mr for mr, t in zip(members, tried) if lr not in t]
             if untried:
-                chose = [r for r in records if r.get("lr_chosen") == lr]
-                parts.append(f"{_lr(lr)} chosen by {_methods_seeds(chose, lambda r: method[id(r)])}; not tried by "
-                             f"{_methods_seeds(untried, lambda r: method[id(r)])}")
+                chose = [(m, r) for m, r in members if r.get("lr_chosen") == lr]
+                parts.append(f"{_lr(lr)} chosen by {_methods_seeds(chose)}; not tried by {_methods_seeds(untried)}")
         if parts:
             lines.append(f"{', '.join(row)}: " + ". ".join(parts) + ".")
     return lines

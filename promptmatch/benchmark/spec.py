@@ -425,11 +425,11 @@ def expand_grid(spec: BenchmarkSpec) -> List[Cell]:
         unique.setdefault(c.key, c)
     kept = list(unique.values())
     for i, rule in enumerate(spec.exclude):
-        hits = [c for c in kept if excluded_by(rule, c.dataset["name"], c.backbone, c.method, c.seed, c.settings)]
-        if not hits:
+        hit = [excluded_by(rule, c.dataset["name"], c.backbone, c.method, c.seed, c.settings) for c in kept]
+        if not any(hit):
             raise SpecError(f"{spec.name}: exclude[{i}] {rule} matches no cell of the grid (an eval_only "
                             "dataset, or a method a backbone does not run, has no cells); correct or remove it")
-        _logger.debug("%s: exclude[%d] leaves out %d cell(s)", spec.name, i, len(hits))
-        kept = [c for c in kept if not excluded_by(rule, c.dataset["name"], c.backbone, c.method, c.seed, c.settings)]
+        _logger.debug("%s: exclude[%d] leaves out %d cell(s)", spec.name, i, sum(hit))
+        kept = [c for c, h in zip(kept, hit) if not h]
     return kept
 
